@@ -1,0 +1,1024 @@
+"""The gate: waiters, grants, polling, and the public context managers.
+
+How it works, in one place:
+
+- Callers wait in a queue ordered by priority, then arrival. Whenever what is known changes
+  (a snapshot lands, a slot is given back, an account returns to rotation) one *dispatch
+  pass* walks the queue in order and grants each waiter an account it may use that has room
+  by the ledger's accounting rule. A later waiter is served before an earlier one only when
+  the earlier one cannot use any account with room.
+- Grants come only from a *fresh* snapshot: one requested less than ``poll_interval`` (plus
+  jitter) ago. Otherwise the gate polls first.
+- There is no background task. One waiting task at a time is the *driver*: it sleeps until
+  the next poll is due and makes the poll; every waiter shares the answer. When the driver
+  leaves (granted, timed out, cancelled) the role passes to another waiter. With nobody
+  waiting, nothing polls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+import os
+import random
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from ._errors import (
+    AccountQuarantined,
+    AuthenticationError,
+    CapacityGateError,
+    GateClosed,
+    PollError,
+    SlotTimeout,
+)
+from ._ledger import Ledger, Reservation
+from ._models import AccountStatistics, GateStatistics, Snapshot
+from ._poll import check_url, fetch_snapshot
+from ._services import get_service
+from ._strategy import STRATEGIES, Candidate, Picker, Strategy
+
+__all__ = ["CapacityGate", "Slot"]
+
+log = structlog.get_logger("capgate")
+
+#: invalidate() never brings a poll closer than this to the previous one (seconds)
+INVALIDATE_FLOOR = 0.5
+#: a Retry-After longer than this is taken as this (seconds)
+MAX_RETRY_AFTER = 3600.0
+
+
+def _now_or_none() -> float | None:
+    """``anyio.current_time()`` inside an event loop, else ``None`` (for reprs)."""
+    try:
+        return anyio.current_time()
+    except Exception:  # noqa: BLE001 - no running loop: sniffio's error type varies
+        return None
+
+
+def _number(name: str, value: object, *, minimum: float, inclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def _account_name(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+def _account_set(value: object, what: str) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Collection):
+        raise TypeError(f"{what} must be a collection of account names, not {type(value).__name__}")
+    names = tuple(dict.fromkeys(_account_name(v, f"each of {what}") for v in value))
+    if not names:
+        raise ValueError(f"{what} must not be empty")
+    return names
+
+
+class _Secret:
+    """Holds the token so that no repr, ``vars()`` dump or traceback local shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("the API token cannot be pickled")
+
+
+class _Waiter:
+    """One task waiting for a slot (internal)."""
+
+    __slots__ = ("allowed", "arrived", "error", "event", "priority", "reservation", "seq")
+
+    def __init__(
+        self, seq: int, priority: int, allowed: frozenset[str] | None, arrived: float
+    ) -> None:
+        self.seq = seq
+        self.priority = priority
+        self.allowed = allowed
+        self.arrived = arrived
+        self.event = anyio.Event()
+        self.reservation: Reservation | None = None
+        self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        self.event.set()
+
+    async def sleep(self) -> None:
+        """Wait until woken; a wake-up that came while not sleeping returns at once."""
+        await self.event.wait()
+        self.event = anyio.Event()
+
+
+class _Inflight:
+    """The poll in flight, which every caller of refresh() joins (internal)."""
+
+    __slots__ = ("done", "error", "snapshot")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.snapshot: Snapshot | None = None
+        self.error: CapacityGateError | None = None
+
+
+class Slot:
+    """A slot reserved on one account, handed out by :meth:`CapacityGate.slot`.
+
+    Use :attr:`account` in your create request. Call :meth:`mark_submitted` as soon as the
+    server has accepted the job, with its id when you have one: the gate then stops counting
+    the reservation as soon as a snapshot lists that job. Leaving the ``async with`` block
+    settles the slot too, whether the body succeeded or raised.
+    """
+
+    __slots__ = ("_account", "_gate", "_job_id", "_res", "_state", "_waited")
+
+    def __init__(self, gate: CapacityGate, res: Reservation, waited: float) -> None:
+        self._gate = gate
+        self._res = res
+        self._account = res.account
+        self._waited = waited
+        self._state = "held"  # -> "submitted" | "released" | "given back"
+        self._job_id: str | None = None
+
+    @property
+    def account(self) -> str:
+        """The account to submit to (email, user id or account name)."""
+        return self._account
+
+    @property
+    def job_id(self) -> str | None:
+        """The job id given to :meth:`mark_submitted`, if any."""
+        return self._job_id
+
+    @property
+    def submitted(self) -> bool:
+        """Whether :meth:`mark_submitted` was called."""
+        return self._state == "submitted" or self._job_id is not None
+
+    @property
+    def waited(self) -> float:
+        """Seconds the holder waited for this slot."""
+        return self._waited
+
+    @property
+    def held(self) -> bool:
+        """True until the slot is settled or given back."""
+        return self._state == "held"
+
+    def _check_held(self, what: str) -> None:
+        if self._state != "held":
+            raise RuntimeError(f"{what}: this slot is already {self._state}")
+
+    def mark_submitted(self, job_id: str | int | None = None) -> None:
+        """Record that the job now exists on the server.
+
+        Args:
+            job_id: The job's id from the create response (a string, or Kling's number).
+
+        Raises:
+            RuntimeError: The slot was already submitted, released or given back.
+            TypeError: ``job_id`` is neither a string nor an integer.
+        """
+        self._check_held("mark_submitted()")
+        if job_id is not None:
+            if isinstance(job_id, bool) or not isinstance(job_id, (str, int)):
+                raise TypeError(f"job_id must be a str or int, not {type(job_id).__name__}")
+            job_id = str(job_id)
+        self._job_id = job_id
+        self._state = "submitted"
+        self._gate._settle(self._res, job_id)
+
+    def mark_busy(self) -> None:
+        """The account answered 429 after all: no job was created.
+
+        The reservation is given back at once, and the gate grants nothing more on this
+        account until a snapshot requested after now arrives.
+        """
+        self._check_held("mark_busy()")
+        self._state = "given back"
+        self._gate._mark_busy(self._res)
+
+    def quarantine(self, seconds: float | None = None, reason: str = "") -> None:
+        """Take this slot's account out of rotation (a 596, 412 or 402 answer).
+
+        If the job was not marked submitted the create failed, so the slot is given back.
+
+        Args:
+            seconds: How long; the gate's ``quarantine_for`` when ``None``.
+            reason: Shown in statistics, the repr, logs and :class:`AccountQuarantined`.
+        """
+        if self._state == "held":
+            self._state = "given back"
+            self._gate._give_back(self._res, why="quarantined")
+        self._gate.quarantine(self._account, seconds=seconds, reason=reason)
+
+    def _exit(self, exc: BaseException | None) -> None:
+        if self._state == "held":
+            self._state = "released"
+            self._gate._settle(self._res, None, error=exc)
+        elif self._state == "submitted":
+            self._state = "released"
+
+    def __repr__(self) -> str:
+        return f"<capgate.Slot {self._account!r} {self._state}>"
+
+
+Slot.__module__ = "capgate"
+
+
+class _SlotContext:
+    """What ``gate.slot(...)`` returns: ``async with`` it to hold a :class:`Slot`."""
+
+    __slots__ = ("_allowed", "_gate", "_priority", "_slot", "_timeout")
+
+    def __init__(
+        self,
+        gate: CapacityGate,
+        allowed: frozenset[str] | None,
+        timeout: float | None,
+        priority: int,
+    ) -> None:
+        self._gate = gate
+        self._allowed = allowed
+        self._timeout = timeout
+        self._priority = priority
+        self._slot: Slot | None = None
+
+    async def __aenter__(self) -> Slot:
+        if self._slot is not None:
+            raise RuntimeError(
+                "this gate.slot() context is already entered; call gate.slot() again"
+            )
+        self._slot = await self._gate._acquire(self._allowed, self._timeout, self._priority)
+        return self._slot
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._slot is not None:
+            self._slot._exit(exc)
+
+
+class CapacityGate:
+    """Wait for a free slot on a useapi.net account, reserve it, and hand out the account.
+
+    The gate polls ``GET …/<service>/scheduler/available`` only while somebody waits,
+    shares each answer among all waiters, and keeps local reservations so that concurrent
+    callers never oversubscribe an account between two polls::
+
+        gate = CapacityGate(token, service="kling")
+        async with gate as email:                 # waits for a free slot, reserves it
+            await submit_job(email, prompt)       # your own create request
+
+        async with gate.slot(account={"a@x.io", "b@x.io"}, timeout=60) as slot:
+            job = await create(slot.account)
+            slot.mark_submitted(job["id"])        # lets the next poll release it sooner
+
+    One gate serves any number of tasks, on asyncio or trio. Close it with :meth:`aclose`.
+
+    Args:
+        token: The useapi.net API token; ``USEAPI_TOKEN`` from the environment when ``None``.
+        service: ``ltxstudio``, ``kling``, ``tempolor``, ``riffusion``, ``minimax`` or
+            ``pixverse``: picks the URL and the field names.
+        url: Replaces the URL only (a proxy, a simulator). ``http://`` only on loopback.
+        client: Your ``httpx.AsyncClient``; the gate does not close it. By default the gate
+            makes one and closes it in :meth:`aclose`.
+        poll_interval: Seconds between polls while anyone waits (plus up to ``jitter``).
+        accounts: Only ever grant these accounts; for ``first_fit`` also their order.
+        max_jobs: A local cap per account (an int for all, or a mapping), applied as
+            ``min(server maxJobs, cap)``.
+        strategy: ``"most_available"``, ``"round_robin"``, ``"first_fit"`` or a callable
+            picking one account name from a sequence of :class:`Candidate`.
+        quarantine_for: Default seconds an account stays out of rotation when quarantined.
+        poll_timeout: Seconds one poll may take before it counts as failed.
+        max_backoff: Ceiling of the backoff between failed polls, in seconds.
+        jitter: Fraction of ``poll_interval`` added at random to each spacing (0 to 1).
+
+    Raises:
+        CapacityGateError: No token was given and ``USEAPI_TOKEN`` is not set.
+        ValueError, TypeError: An argument is out of range or of the wrong type.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        service: str = "ltxstudio",
+        url: str | None = None,
+        client: httpx.AsyncClient | None = None,
+        poll_interval: float = 5.0,
+        accounts: Collection[str] | None = None,
+        max_jobs: int | Mapping[str, int] | None = None,
+        strategy: Strategy = "most_available",
+        quarantine_for: float = 600.0,
+        poll_timeout: float = 30.0,
+        max_backoff: float | None = None,
+        jitter: float = 0.1,
+    ) -> None:
+        if token is None:
+            token = os.environ.get("USEAPI_TOKEN")
+            if not token or not token.strip():
+                raise CapacityGateError(
+                    "no API token: pass token= or set the USEAPI_TOKEN environment variable"
+                )
+        if not isinstance(token, str):
+            raise TypeError(f"token must be a str, not {type(token).__name__}")
+        token = token.strip()
+        if not token:
+            raise CapacityGateError("the API token is empty")
+        if any(ch.isspace() or not ch.isprintable() for ch in token):
+            raise ValueError("the API token contains whitespace or control characters")
+        self._service = get_service(service)
+        self._url = check_url(self._service.url if url is None else url)
+        if client is not None and not isinstance(client, httpx.AsyncClient):
+            raise TypeError(f"client must be an httpx.AsyncClient, not {type(client).__name__}")
+        self._poll_interval = _number("poll_interval", poll_interval, minimum=0)
+        self._accounts = None if accounts is None else _account_set(accounts, "accounts")
+        self._allow = None if self._accounts is None else frozenset(self._accounts)
+        if max_jobs is not None:
+            if isinstance(max_jobs, Mapping):
+                for name, cap in max_jobs.items():
+                    _account_name(name, "each account in max_jobs")
+                    if isinstance(cap, bool) or not isinstance(cap, int):
+                        raise TypeError(
+                            f"max_jobs[{name!r}] must be an int, not {type(cap).__name__}"
+                        )
+                    if cap < 0:
+                        raise ValueError(f"max_jobs[{name!r}] must be >= 0, got {cap}")
+                max_jobs = dict(max_jobs)
+            elif isinstance(max_jobs, bool) or not isinstance(max_jobs, int):
+                raise TypeError(
+                    f"max_jobs must be an int or a mapping of account to int, "
+                    f"not {type(max_jobs).__name__}"
+                )
+            elif max_jobs < 1:
+                raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
+        if not callable(strategy) and strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)} or a callable"
+            )
+        self._strategy: Strategy = strategy
+        self._quarantine_for = _number("quarantine_for", quarantine_for, minimum=0)
+        self._poll_timeout = _number("poll_timeout", poll_timeout, minimum=0)
+        self._max_backoff = (
+            max(60.0, self._poll_interval)
+            if max_backoff is None
+            else _number("max_backoff", max_backoff, minimum=0)
+        )
+        self._jitter = _number("jitter", jitter, minimum=0, inclusive=True)
+        if self._jitter > 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {jitter!r}")
+
+        self._token = _Secret(token)
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient(follow_redirects=False)
+        self._rng = random.Random()
+        self._ledger = Ledger(anyio.current_time, max_jobs=max_jobs)
+        self._closed = False
+
+        self._seq = itertools.count()
+        self._queues: dict[int, dict[_Waiter, None]] = {}
+        self._waiting = 0
+        self._driver: _Waiter | None = None
+        self._task_slots: dict[int, Slot] = {}
+        self._known: set[str] = set()
+        self._rr_last: str | None = None
+
+        self._inflight: _Inflight | None = None
+        self._fresh_until = -math.inf
+        self._next_poll_at = -math.inf
+        self._failures = 0
+        self._last_error: str | None = None
+        self._auth_failure: tuple[AuthenticationError, float] | None = None
+
+        self._grants = 0
+        self._timeouts = 0
+        self._polls = 0
+        self._polls_failed = 0
+
+    # --- public surface ------------------------------------------------------------------
+
+    @property
+    def service(self) -> str:
+        """The service name."""
+        return self._service.name
+
+    @property
+    def url(self) -> str:
+        """The ``scheduler/available`` URL polled."""
+        return str(self._url)
+
+    @property
+    def poll_interval(self) -> float:
+        """Seconds between polls while anyone waits."""
+        return self._poll_interval
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The latest snapshot, or ``None`` before the first successful poll."""
+        return self._ledger.snapshot
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._closed
+
+    def slot(
+        self,
+        account: str | Collection[str] | None = None,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> _SlotContext:
+        """Wait for a slot and hold it for the ``async with`` block.
+
+        Args:
+            account: One account, a collection of allowed accounts, or ``None`` for any.
+            timeout: Seconds to wait at most; ``None`` waits as long as it takes.
+            priority: Higher goes first; equal priorities are served in arrival order.
+
+        Returns:
+            An async context manager yielding a :class:`Slot`.
+
+        Raises:
+            SlotTimeout: No slot within ``timeout`` (on entering the block).
+            AccountQuarantined: Every account allowed is out of rotation (on entering).
+            AuthenticationError: The token was refused (on entering).
+            GateClosed: The gate is or gets closed (on entering).
+        """
+        allowed: frozenset[str] | None
+        if account is None:
+            allowed = None
+        elif isinstance(account, str):
+            allowed = frozenset((_account_name(account, "account"),))
+        else:
+            allowed = frozenset(_account_set(account, "account"))
+        if allowed is not None and self._allow is not None:
+            outside = sorted(allowed - self._allow)
+            if outside:
+                raise ValueError(f"account {outside[0]!r} is not among the gate's accounts")
+        if timeout is not None:
+            timeout = _number("timeout", timeout, minimum=0, inclusive=True)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        return _SlotContext(self, allowed, timeout, priority)
+
+    async def __aenter__(self) -> str:
+        task = anyio.get_current_task().id
+        if task in self._task_slots:
+            raise RuntimeError(
+                "async with gate is already active in this task; "
+                "use gate.slot() to hold several slots at once"
+            )
+        slot = await self._acquire(None, None, 0)
+        self._task_slots[task] = slot
+        return slot.account
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        slot = self._task_slots.pop(anyio.get_current_task().id, None)
+        if slot is not None:
+            slot._exit(exc)
+
+    async def refresh(self) -> Snapshot:
+        """Poll now (or join the poll in flight) and wake the waiters it can serve.
+
+        Returns:
+            The new snapshot.
+
+        Raises:
+            PollError: The poll failed.
+            AuthenticationError: The token was refused.
+            GateClosed: The gate is closed.
+        """
+        while True:
+            self._check_open()
+            inflight = self._inflight
+            if inflight is None:
+                return await self._poll()
+            await inflight.done.wait()
+            if inflight.snapshot is not None:
+                return inflight.snapshot
+            if inflight.error is not None:
+                raise copy.copy(inflight.error) from inflight.error
+            # the poller was cancelled mid-request: make the poll ourselves
+
+    def invalidate(self) -> None:
+        """Something changed (a job finished): poll as soon as allowed.
+
+        Synchronous and cheap, safe from any task or a webhook handler on the same event
+        loop. The current snapshot stops serving grants; if anyone waits, the next poll
+        starts now, but never sooner than 0.5 s after the previous one (and never inside
+        a backoff after a failed poll).
+        """
+        now = _now_or_none()
+        if now is None or self._closed:
+            return
+        if self._failures == 0:
+            last = self._fresh_until if self._last_sent is None else self._last_sent
+            soonest = max(now, last + INVALIDATE_FLOOR)
+            self._next_poll_at = min(self._next_poll_at, soonest)
+            self._fresh_until = min(self._fresh_until, soonest)
+        log.debug("capgate.invalidate", service=self.service, waiting=self._waiting)
+        self._wake_driver()
+
+    def quarantine(self, account: str, seconds: float | None = None, reason: str = "") -> None:
+        """Take ``account`` out of rotation for ``seconds`` (``quarantine_for`` by default).
+
+        Waiters that may use only quarantined accounts get :class:`AccountQuarantined` at once.
+        """
+        account = _account_name(account, "account")
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+        length = self._quarantine_for if seconds is None else _number("seconds", seconds, minimum=0)
+        now = anyio.current_time()
+        self._ledger.quarantine(account, now + length, reason)
+        self._known.add(account)
+        log.warning(
+            "capgate.quarantine",
+            service=self.service,
+            account=account,
+            seconds=length,
+            reason=reason,
+        )
+        for waiter in list(self._iter_waiters()):
+            error = self._quarantine_error(waiter.allowed, now)
+            if error is not None:
+                self._fail(waiter, error)
+        self._wake_driver()
+
+    def restore(self, account: str) -> None:
+        """Put a quarantined ``account`` back into rotation now."""
+        account = _account_name(account, "account")
+        if self._ledger.restore(account):
+            log.info("capgate.restore", service=self.service, account=account)
+            self._dispatch()
+
+    def statistics(self) -> GateStatistics:
+        """What the gate is doing now, as a frozen :class:`GateStatistics`."""
+        now = _now_or_none()
+        snapshot = self._ledger.snapshot
+        rows: list[AccountStatistics] = []
+        capacity = 0
+        free_total = 0
+        fresh = self._fresh(now)
+        quarantined = self._ledger.quarantine_items(now) if now is not None else {}
+        listed: set[str] = set()
+        for row in snapshot.accounts if snapshot is not None else ():
+            if self._allow is not None and row.account not in self._allow:
+                continue
+            listed.add(row.account)
+            cap = self._ledger.cap(row)
+            capacity += cap or 0
+            free = self._ledger.free(row.account, now=now) if fresh else 0
+            free_total += free
+            rows.append(self._account_stats(row.account, cap, row.busy, free, quarantined, now))
+        for account in sorted(set(quarantined) - listed):
+            rows.append(self._account_stats(account, None, None, 0, quarantined, now))
+        return GateStatistics(
+            service=self.service,
+            waiting=self._waiting,
+            held=self._ledger.open_count,
+            reserved=self._ledger.reserved,
+            capacity=capacity,
+            free=free_total,
+            grants=self._grants,
+            timeouts=self._timeouts,
+            polls=self._polls,
+            polls_failed=self._polls_failed,
+            last_poll_error=self._last_error,
+            snapshot_age=None if snapshot is None or now is None else now - snapshot.requested_at,
+            accounts=tuple(rows),
+        )
+
+    def _account_stats(
+        self,
+        account: str,
+        cap: int | None,
+        executing: int | None,
+        free: int,
+        quarantined: Mapping[str, tuple[float | None, str]],
+        now: float | None,
+    ) -> AccountStatistics:
+        entry = quarantined.get(account)
+        left = None
+        if entry is not None:
+            until = entry[0]
+            left = math.inf if until is None or now is None else max(0.0, until - now)
+        return AccountStatistics(
+            account=account,
+            max_jobs=cap,
+            executing=executing,
+            reserved=self._ledger.pending(account),
+            free=free,
+            busy=self._ledger.is_busy(account),
+            quarantined_for=left,
+            quarantine_reason="" if entry is None else entry[1],
+        )
+
+    async def aclose(self) -> None:
+        """Close the gate: current and future waiters get :class:`GateClosed`.
+
+        Closes the httpx client if the gate made it. Slots already held stay valid until
+        their blocks end. Calling it twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in list(self._iter_waiters()):
+            self._fail(waiter, GateClosed(f"{self.service}: the gate is closed"))
+        if self._owns_client:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._client.aclose()
+
+    def __repr__(self) -> str:
+        now = _now_or_none()
+        snapshot = self._ledger.snapshot
+        head = f"<CapacityGate {self.service}: "
+        if snapshot is None:
+            body = f"{self._ledger.reserved} reserved, {self._waiting} waiting, no snapshot"
+        else:
+            capacity = sum(
+                self._ledger.cap(row) or 0
+                for row in snapshot.accounts
+                if self._allow is None or row.account in self._allow
+            )
+            age = "" if now is None else f", snapshot {now - snapshot.requested_at:.1f} s old"
+            body = f"{self._ledger.reserved}/{capacity} reserved, {self._waiting} waiting{age}"
+        if now is not None:
+            out = self._ledger.quarantine_items(now)
+            if out:
+                body += ", quarantined: " + ", ".join(
+                    f"{a} ({r})" if r else a for a, (_, r) in sorted(out.items())
+                )
+        if self._closed:
+            body += ", closed"
+        return head + body + ">"
+
+    # --- waiting -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GateClosed(f"{self.service}: the gate is closed")
+
+    async def _acquire(
+        self, allowed: frozenset[str] | None, timeout: float | None, priority: int
+    ) -> Slot:
+        self._check_open()
+        now = anyio.current_time()
+        error = self._quarantine_error(allowed, now)
+        if error is not None:
+            raise error
+        if self._auth_failure is not None:
+            failure, when = self._auth_failure
+            if now - when < self._poll_interval:
+                raise copy.copy(failure)
+        waiter = _Waiter(next(self._seq), priority, allowed, now)
+        self._enqueue(waiter)
+        try:
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                self._dispatch()
+                while waiter.reservation is None and waiter.error is None:
+                    await self._wait_turn(waiter)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.error is not None:
+            self._abandon(waiter)
+            raise waiter.error
+        if waiter.reservation is None:
+            self._abandon(waiter)
+            self._timeouts += 1
+            log.info(
+                "capgate.timeout", service=self.service, timeout=timeout, waiting=self._waiting
+            )
+            raise SlotTimeout(f"{self.service}: no free slot within {timeout:g} s", timeout=timeout)
+        self._leave(waiter)
+        return Slot(self, waiter.reservation, anyio.current_time() - waiter.arrived)
+
+    async def _wait_turn(self, waiter: _Waiter) -> None:
+        """One step of waiting: sleep until woken, or drive the polling."""
+        if self._driver is None:
+            self._driver = waiter
+        if self._driver is not waiter or self._inflight is not None:
+            await waiter.sleep()
+            return
+        now = anyio.current_time()
+        wake_at = self._next_poll_at
+        expiry = self._ledger.next_quarantine_expiry()
+        if expiry is not None and expiry < wake_at:
+            wake_at = expiry
+        if wake_at > now:
+            with anyio.move_on_after(wake_at - now):
+                await waiter.sleep()
+            if expiry is not None and anyio.current_time() >= expiry:
+                self._dispatch()  # an account came back from quarantine
+            return
+        # a failure is logged by _poll; waiters keep waiting (or were failed, for a 401)
+        with contextlib.suppress(CapacityGateError):
+            await self._poll()
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        queue = self._queues.get(waiter.priority)
+        if queue is None:
+            queue = self._queues[waiter.priority] = {}
+            self._queues = dict(sorted(self._queues.items(), reverse=True))
+        queue[waiter] = None
+        self._waiting += 1
+
+    def _dequeue(self, waiter: _Waiter) -> bool:
+        queue = self._queues.get(waiter.priority)
+        if queue is None or waiter not in queue:
+            return False
+        del queue[waiter]
+        if not queue:
+            del self._queues[waiter.priority]
+        self._waiting -= 1
+        return True
+
+    def _iter_waiters(self) -> Iterator[_Waiter]:
+        """Waiters in service order: higher priority first, then first come first served."""
+        for queue in list(self._queues.values()):
+            yield from list(queue)
+
+    def _leave(self, waiter: _Waiter) -> None:
+        """``waiter`` stops waiting; if it was the driver, hand the role on."""
+        self._dequeue(waiter)
+        if self._driver is waiter:
+            self._driver = None
+            for queue in self._queues.values():
+                for successor in queue:
+                    successor.wake()  # it takes the role at its next step
+                    return
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """``waiter`` gave up (timeout, cancel, error): leave nothing behind."""
+        self._leave(waiter)
+        res = waiter.reservation
+        if res is not None:
+            waiter.reservation = None
+            self._give_back(res, why="abandoned")
+
+    def _fail(self, waiter: _Waiter, error: BaseException) -> None:
+        waiter.error = error
+        self._leave(waiter)
+        waiter.wake()
+
+    def _wake_driver(self) -> None:
+        if self._driver is not None:
+            self._driver.wake()
+        elif self._waiting:
+            for queue in self._queues.values():
+                for waiter in queue:
+                    waiter.wake()
+                    return
+
+    def _quarantine_error(
+        self, allowed: frozenset[str] | None, now: float
+    ) -> AccountQuarantined | None:
+        scope: Collection[str]
+        if allowed is not None:
+            scope = allowed
+        elif self._allow is not None:
+            scope = self._allow
+        else:
+            scope = self._known
+        if not self._ledger.all_quarantined(scope, now):
+            return None
+        reasons = {a: self._ledger.quarantined(a, now=now) or (None, "") for a in scope}
+        text = ", ".join(f"{a} ({r[1]})" if r[1] else a for a, r in sorted(reasons.items()))
+        return AccountQuarantined(
+            f"{self.service}: every account this caller may use is quarantined: {text}",
+            reasons={a: r[1] for a, r in reasons.items()},
+        )
+
+    # --- granting ------------------------------------------------------------------------
+
+    def _fresh(self, now: float | None) -> bool:
+        return self._ledger.snapshot is not None and now is not None and now < self._fresh_until
+
+    def _dispatch(self) -> None:
+        """One pass over the queue: grant every waiter it can, in service order."""
+        if not self._waiting or self._closed:
+            return
+        now = anyio.current_time()
+        if not self._fresh(now):
+            return
+        free = self._ledger.free_accounts(now)
+        if self._allow is not None:
+            free = {a: n for a, n in free.items() if a in self._allow}
+        if not free:
+            return
+        snapshot = self._ledger.snapshot
+        assert snapshot is not None  # noqa: S101 - _fresh() checked it
+        order = self._accounts or [row.account for row in snapshot.accounts]
+        picker = Picker(self._strategy, free, order, last=self._rr_last, describe=self._candidate)
+        for waiter in self._iter_waiters():
+            if not picker:
+                break
+            try:
+                account = picker.pick(waiter.allowed)
+            except Exception as exc:
+                log.exception(
+                    "capgate.strategy_failed",
+                    service=self.service,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                account = Picker("most_available", dict(picker.free), order).pick(waiter.allowed)
+            if account is None:
+                continue
+            picker.take(account)
+            self._grant(waiter, account, now)
+        self._rr_last = picker.last
+
+    def _candidate(self, account: str, free: int) -> Candidate:
+        snapshot = self._ledger.snapshot
+        row = None if snapshot is None else snapshot.account(account)
+        return Candidate(
+            account=account,
+            free=free,
+            max_jobs=None if row is None else self._ledger.cap(row),
+            executing=None if row is None else row.busy,
+            reserved=self._ledger.pending(account),
+        )
+
+    def _grant(self, waiter: _Waiter, account: str, now: float) -> None:
+        waiter.reservation = self._ledger.reserve(account)
+        self._dequeue(waiter)
+        self._grants += 1
+        log.debug(
+            "capgate.grant",
+            service=self.service,
+            account=account,
+            waited=now - waiter.arrived,
+            priority=waiter.priority,
+            waiting=self._waiting,
+        )
+        waiter.wake()
+
+    def _settle(
+        self, res: Reservation, job_id: str | None, *, error: BaseException | None = None
+    ) -> None:
+        counted = self._ledger.reserved
+        self._ledger.settle(res, job_id)
+        log.debug(
+            "capgate.settle",
+            service=self.service,
+            account=res.account,
+            job_id=job_id,
+            held_for=anyio.current_time() - res.granted_at,
+            error=None if error is None else type(error).__name__,
+        )
+        if self._ledger.reserved < counted:  # its job is already listed: room now
+            self._dispatch()
+
+    def _give_back(self, res: Reservation, *, why: str) -> None:
+        if self._ledger.give_back(res):
+            log.debug("capgate.give_back", service=self.service, account=res.account, reason=why)
+            self._dispatch()
+
+    def _mark_busy(self, res: Reservation) -> None:
+        self._ledger.give_back(res)
+        self._ledger.mark_busy(res.account)
+        log.info("capgate.busy", service=self.service, account=res.account)
+        self._dispatch()
+
+    # --- polling -------------------------------------------------------------------------
+
+    _last_sent: float | None = None
+
+    async def _poll(self) -> Snapshot:
+        """Make one poll (the caller checked none is in flight) and apply its answer."""
+        inflight = self._inflight = _Inflight()
+        sent_tick = self._ledger.tick()
+        self._last_sent = sent = anyio.current_time()
+        try:
+            try:
+                snapshot, skipped = await fetch_snapshot(
+                    self._client,
+                    self._url,
+                    self._token.reveal(),
+                    self._service,
+                    timeout=self._poll_timeout,
+                )
+            except CapacityGateError:
+                raise
+            except Exception as exc:  # e.g. a custom transport's own bug: still a failed poll
+                raise PollError(
+                    f"{self.service}: unexpected {type(exc).__name__} while polling: {exc}"
+                ) from exc
+        except AuthenticationError as exc:
+            inflight.error = exc
+            self._on_auth_failed(exc)
+            raise
+        except PollError as exc:
+            inflight.error = exc
+            self._on_poll_failed(exc)
+            raise
+        else:
+            inflight.snapshot = snapshot
+            self._on_snapshot(snapshot, skipped, sent_tick, sent)
+            return snapshot
+        finally:
+            self._inflight = None
+            inflight.done.set()
+            self._wake_driver()
+
+    def _on_snapshot(
+        self, snapshot: Snapshot, skipped: Sequence[Any], sent_tick: int, sent: float
+    ) -> None:
+        self._ledger.apply_snapshot(snapshot, sent_tick)
+        spacing = self._poll_interval * (1 + self._rng.uniform(0, self._jitter))
+        self._fresh_until = self._next_poll_at = sent + spacing
+        self._polls += 1
+        self._failures = 0
+        self._last_error = None
+        self._auth_failure = None
+        self._known.update(row.account for row in snapshot.accounts)
+        self._known.update(job.account for job in snapshot.executing if job.account)
+        for row in skipped:
+            log.warning(
+                "capgate.row_skipped",
+                service=self.service,
+                section=row.section,
+                index=row.index,
+                reason=row.reason,
+            )
+        log.info(
+            "capgate.poll",
+            service=self.service,
+            accounts=len(snapshot.accounts),
+            free=snapshot.total_free,
+            executing=len(snapshot.executing),
+            reserved=self._ledger.reserved,
+            waiting=self._waiting,
+            duration=snapshot.received_at - sent,
+        )
+        self._dispatch()
+
+    def _on_poll_failed(self, exc: PollError) -> None:
+        self._polls_failed += 1
+        self._failures += 1
+        self._last_error = str(exc)
+        ceiling = min(self._max_backoff, self._poll_interval * 2 ** min(self._failures, 30))
+        delay = self._rng.uniform(self._poll_interval, max(self._poll_interval, ceiling))
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER))
+        self._next_poll_at = anyio.current_time() + delay
+        log.warning(
+            "capgate.poll_failed",
+            service=self.service,
+            error=str(exc),
+            status_code=exc.status_code,
+            failures=self._failures,
+            retry_in=delay,
+            waiting=self._waiting,
+        )
+
+    def _on_auth_failed(self, exc: AuthenticationError) -> None:
+        self._polls_failed += 1
+        now = anyio.current_time()
+        self._last_error = str(exc)
+        self._auth_failure = (exc, now)
+        self._next_poll_at = now + self._poll_interval
+        log.error(
+            "capgate.auth_failed",
+            service=self.service,
+            status_code=exc.status_code,
+            waiting=self._waiting,
+        )
+        for waiter in list(self._iter_waiters()):
+            self._fail(waiter, copy.copy(exc))
+
+
+CapacityGate.__module__ = "capgate"

@@ -1,0 +1,249 @@
+"""Local reservations and the accounting rule.
+
+Pure and synchronous: it takes a clock and never awaits, so it is tested without an event
+loop, and a shared backend can replace it later.
+
+The rule. For an account ``a`` in the latest snapshot::
+
+    free(a) = min(server_free(a), cap(a) - executing(a)) - pending(a)      (clamped at 0)
+
+where ``server_free`` is ``available`` clamped to ``[0, maxJobs - executing]``, ``cap`` is
+``min(server maxJobs, local max_jobs)`` and ``pending`` counts the reservations the snapshot
+does not reflect yet. An account missing from the snapshot has no free slot.
+
+A reservation is *open* from its grant until it is *settled* (``mark_submitted`` or the
+slot's exit). It counts until a snapshot arrives whose request was sent after it settled,
+or, once settled with a job id, until a snapshot lists that job as executing. A reservation
+whose holder never used it is *given back*: it stops counting at once.
+
+"After" is decided by a logical sequence number, not by the clock: every settle, busy mark
+and poll start takes the next tick, so two events at the same (virtual) instant still have an
+order and the rule stays exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from ._models import AccountCapacity, Snapshot
+
+__all__ = ["Ledger", "Reservation"]
+
+
+@dataclass
+class Reservation:
+    """One slot reserved on one account (internal bookkeeping)."""
+
+    id: int
+    account: str
+    granted_at: float
+    settled_tick: int | None = None
+    job_id: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.settled_tick is not None
+
+
+class Ledger:
+    """Reservations, busy marks and quarantines for one gate.
+
+    Args:
+        clock: Returns the current time in seconds (``anyio.current_time`` in the gate).
+        max_jobs: A local cap: one int for every account, or a mapping per account.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        max_jobs: int | Mapping[str, int] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._caps = max_jobs
+        self._ticks = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._reservations: dict[int, Reservation] = {}
+        self._pending: Counter[str] = Counter()
+        self._snapshot: Snapshot | None = None
+        self._snapshot_tick = 0
+        self._busy: dict[str, int] = {}  # account -> tick of the 429
+        self._quarantine: dict[str, tuple[float | None, str]] = {}  # account -> (until, reason)
+
+    # --- time and ticks ---------------------------------------------------------------
+
+    def tick(self) -> int:
+        """The next logical instant; a poll takes one just before its request is sent."""
+        return next(self._ticks)
+
+    # --- the snapshot -----------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def apply_snapshot(self, snapshot: Snapshot, sent_tick: int) -> None:
+        """Take a new snapshot whose request was sent at logical instant ``sent_tick``.
+
+        Reservations it reflects stop counting; busy marks older than it are lifted. A
+        snapshot older than the one in hand (by ``sent_tick``) is ignored.
+        """
+        if sent_tick < self._snapshot_tick:
+            return
+        self._snapshot = snapshot
+        self._snapshot_tick = sent_tick
+        for res in list(self._reservations.values()):
+            if res.settled_tick is not None and (
+                res.settled_tick < sent_tick
+                or (res.job_id is not None and snapshot.lists_job(res.job_id))
+            ):
+                self._drop(res)
+        for account, busy_tick in list(self._busy.items()):
+            if busy_tick < sent_tick:
+                del self._busy[account]
+
+    # --- reservations -----------------------------------------------------------------
+
+    def reserve(self, account: str) -> Reservation:
+        """Record a grant on ``account`` (the caller checked :meth:`free` first)."""
+        res = Reservation(next(self._ids), account, self._clock())
+        self._reservations[res.id] = res
+        self._pending[account] += 1
+        return res
+
+    def settle(self, res: Reservation, job_id: str | None = None) -> None:
+        """The holder submitted its job (or left the slot): count it until reflected."""
+        if res.id not in self._reservations or res.settled:
+            return
+        res.settled_tick = self.tick()
+        res.job_id = job_id
+        if job_id is not None and self._snapshot is not None and self._snapshot.lists_job(job_id):
+            self._drop(res)
+
+    def give_back(self, res: Reservation) -> bool:
+        """The holder never used the slot: it stops counting at once. True if it counted."""
+        if res.id not in self._reservations:
+            return False
+        self._drop(res)
+        return True
+
+    def _drop(self, res: Reservation) -> None:
+        del self._reservations[res.id]
+        self._pending[res.account] -= 1
+        if self._pending[res.account] <= 0:
+            del self._pending[res.account]
+
+    def pending(self, account: str) -> int:
+        """Reservations on ``account`` the snapshot does not reflect yet."""
+        return self._pending.get(account, 0)
+
+    @property
+    def reserved(self) -> int:
+        """All reservations that count, over every account."""
+        return len(self._reservations)
+
+    @property
+    def open_count(self) -> int:
+        """Reservations not yet settled (slots held right now)."""
+        return sum(1 for r in self._reservations.values() if not r.settled)
+
+    # --- the accounting rule ----------------------------------------------------------
+
+    def cap(self, row: AccountCapacity) -> int | None:
+        """``min(server maxJobs, local cap)``; ``None`` when neither is known."""
+        local: int | None
+        if self._caps is None:
+            local = None
+        elif isinstance(self._caps, int):
+            local = self._caps
+        else:
+            local = self._caps.get(row.account)
+        if row.max_jobs is None:
+            return local
+        return row.max_jobs if local is None else min(row.max_jobs, local)
+
+    def free(self, account: str, *, now: float | None = None) -> int:
+        """Slots the gate may grant on ``account`` now (0 if busy or quarantined)."""
+        if account in self._busy or self.quarantined(account, now=now) is not None:
+            return 0
+        return self.room(account)
+
+    def room(self, account: str) -> int:
+        """The accounting rule alone, ignoring busy marks and quarantine."""
+        if self._snapshot is None:
+            return 0
+        row = self._snapshot.account(account)
+        if row is None:
+            return 0
+        limit = row.free
+        cap = self.cap(row)
+        if cap is not None:
+            limit = min(limit, cap - (row.busy or 0))
+        return max(0, limit - self._pending.get(account, 0))
+
+    def free_accounts(self, now: float | None = None) -> dict[str, int]:
+        """Every account with room now, in the snapshot's order."""
+        if self._snapshot is None:
+            return {}
+        result = {}
+        for row in self._snapshot.accounts:
+            n = self.free(row.account, now=now)
+            if n > 0:
+                result[row.account] = n
+        return result
+
+    # --- busy marks -------------------------------------------------------------------
+
+    def mark_busy(self, account: str) -> None:
+        """The account answered 429: no grants on it until a snapshot sent after now."""
+        self._busy[account] = self.tick()
+
+    def is_busy(self, account: str) -> bool:
+        return account in self._busy
+
+    # --- quarantine -------------------------------------------------------------------
+
+    def quarantine(self, account: str, until: float | None, reason: str) -> None:
+        """Take ``account`` out of rotation until ``until`` (``None``: until restored)."""
+        self._quarantine[account] = (until, reason)
+
+    def restore(self, account: str) -> bool:
+        """Put ``account`` back into rotation; True if it was out."""
+        return self._quarantine.pop(account, None) is not None
+
+    def quarantined(
+        self, account: str, *, now: float | None = None
+    ) -> tuple[float | None, str] | None:
+        """``(until, reason)`` while ``account`` is out of rotation, else ``None``."""
+        entry = self._quarantine.get(account)
+        if entry is None:
+            return None
+        until = entry[0]
+        if until is not None and (self._clock() if now is None else now) >= until:
+            del self._quarantine[account]
+            return None
+        return entry
+
+    def quarantine_items(self, now: float | None = None) -> dict[str, tuple[float | None, str]]:
+        """Every account out of rotation now, with ``(until, reason)``."""
+        now = self._clock() if now is None else now
+        for account in list(self._quarantine):
+            self.quarantined(account, now=now)
+        return dict(self._quarantine)
+
+    def next_quarantine_expiry(self) -> float | None:
+        """The earliest instant a quarantine runs out, if any does."""
+        times = [until for until, _ in self._quarantine.values() if until is not None]
+        return min(times) if times else None
+
+    def all_quarantined(self, accounts: Iterable[str], now: float | None = None) -> bool:
+        """True when ``accounts`` is not empty and every one of them is out of rotation."""
+        seen = False
+        for account in accounts:
+            seen = True
+            if self.quarantined(account, now=now) is None:
+                return False
+        return seen

@@ -1,0 +1,354 @@
+"""The gate's data: snapshots of the endpoint, and statistics.
+
+Parsing is lenient about what may be missing (the docs say every field is optional) and
+strict about what is there: a row with a negative or non-numeric count, or with no account,
+is skipped and reported, and the rest of the answer is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ._errors import PollError
+from ._services import Service
+
+__all__ = [
+    "AccountCapacity",
+    "AccountStatistics",
+    "ExecutingJob",
+    "GateStatistics",
+    "Snapshot",
+    "parse_snapshot",
+]
+
+
+@dataclass(frozen=True)
+class AccountCapacity:
+    """One row of ``available[]``: an account's capacity as the server counts it.
+
+    Attributes:
+        account: The email, user id or account name.
+        max_jobs: ``maxJobs``, or ``None`` when the server left it out.
+        executing: ``executing``, or ``None`` when the server left it out.
+        available: ``available``, or ``None`` when the server left it out.
+    """
+
+    account: str
+    max_jobs: int | None
+    executing: int | None
+    available: int | None
+
+    @property
+    def free(self) -> int:
+        """Free slots by the server's count: ``available`` clamped to ``[0, maxJobs - executing]``.
+
+        ``available`` should equal ``maxJobs - executing`` but is never trusted blindly: when
+        both are given the smaller wins.
+        """
+        candidates = []
+        if self.available is not None:
+            candidates.append(self.available)
+        if self.max_jobs is not None and self.executing is not None:
+            candidates.append(self.max_jobs - self.executing)
+        if not candidates:
+            return 0
+        return max(0, min(candidates))
+
+    @property
+    def busy(self) -> int | None:
+        """Jobs executing by the server's count, derived from the other fields if missing."""
+        if self.executing is not None:
+            return self.executing
+        if self.max_jobs is not None and self.available is not None:
+            return max(0, self.max_jobs - self.available)
+        return None
+
+
+@dataclass(frozen=True)
+class ExecutingJob:
+    """One row of ``executing[]``: a job the server counts against an account.
+
+    Attributes:
+        job_id: The job's id as a string (Kling's numeric ids are turned into strings).
+        account: The account running it, from the row or embedded in the id; ``None`` if
+            neither names it.
+        started: When it started, if the server said (ISO string or epoch number).
+        elapsed: The server's ``elapsed`` text (``"03:45"``), if any.
+    """
+
+    job_id: str
+    account: str | None
+    started: datetime | None = None
+    elapsed: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One answer of ``scheduler/available``, parsed.
+
+    Attributes:
+        service: The service name.
+        accounts: The rows of ``available[]`` that parsed, in the server's order. Accounts
+            with no free slot are usually left out by the server; capgate treats a missing
+            account as full.
+        executing: The rows of ``executing[]`` that parsed.
+        requested_at: ``anyio.current_time()`` when the request was sent. A reservation
+            settled before this instant is reflected in the snapshot's counts.
+        received_at: ``anyio.current_time()`` when the answer was parsed.
+        skipped: How many rows were malformed and left out.
+    """
+
+    service: str
+    accounts: tuple[AccountCapacity, ...]
+    executing: tuple[ExecutingJob, ...]
+    requested_at: float
+    received_at: float
+    skipped: int = 0
+    _by_account: Mapping[str, AccountCapacity] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _job_ids: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_account", {a.account: a for a in self.accounts})
+        object.__setattr__(self, "_job_ids", frozenset(j.job_id for j in self.executing))
+
+    def account(self, name: str) -> AccountCapacity | None:
+        """The row for ``name``, or ``None`` when the server left it out (full)."""
+        return self._by_account.get(name)
+
+    def free(self, name: str) -> int:
+        """Free slots on ``name`` by the server's count; 0 for a missing account."""
+        row = self._by_account.get(name)
+        return 0 if row is None else row.free
+
+    def lists_job(self, job_id: str) -> bool:
+        """Whether ``job_id`` is among the executing jobs."""
+        return job_id in self._job_ids
+
+    @property
+    def total_free(self) -> int:
+        """Free slots over all accounts by the server's count."""
+        return sum(a.free for a in self.accounts)
+
+
+@dataclass(frozen=True)
+class AccountStatistics:
+    """One account as the gate sees it now.
+
+    Attributes:
+        account: The account.
+        max_jobs: The cap in force: ``min(server maxJobs, local max_jobs)``; ``None`` if unknown.
+        executing: Jobs executing by the latest snapshot (``None`` if unknown or not listed).
+        reserved: Local reservations the latest snapshot does not reflect yet.
+        free: Slots the gate would grant now on this account.
+        busy: The account answered 429 after the latest snapshot; no grants until a newer one.
+        quarantined_for: Seconds of quarantine left, or ``None`` when in rotation.
+        quarantine_reason: Why it was quarantined (``""`` when in rotation).
+    """
+
+    account: str
+    max_jobs: int | None
+    executing: int | None
+    reserved: int
+    free: int
+    busy: bool = False
+    quarantined_for: float | None = None
+    quarantine_reason: str = ""
+
+
+@dataclass(frozen=True)
+class GateStatistics:
+    """What a gate is doing, at one instant. Never contains the token.
+
+    Attributes:
+        service: The service name.
+        waiting: Tasks waiting for a slot.
+        held: Slots handed out and not yet released.
+        reserved: Reservations counted against the accounts (held ones, plus released ones
+            the latest snapshot does not reflect yet).
+        capacity: Sum of the caps over the accounts in the latest snapshot.
+        free: Slots the gate would grant now.
+        grants: Slots granted since the gate was made.
+        timeouts: Waiters that gave up with ``SlotTimeout``.
+        polls: Polls that succeeded.
+        polls_failed: Polls that failed (and were retried).
+        last_poll_error: The latest failure's message, until a poll succeeds.
+        snapshot_age: Seconds since the latest snapshot was requested; ``None`` if none yet.
+        accounts: Per-account detail, in the latest snapshot's order, then quarantined ones.
+    """
+
+    service: str
+    waiting: int
+    held: int
+    reserved: int
+    capacity: int
+    free: int
+    grants: int
+    timeouts: int
+    polls: int
+    polls_failed: int
+    last_poll_error: str | None
+    snapshot_age: float | None
+    accounts: tuple[AccountStatistics, ...] = ()
+
+
+for _cls in (AccountCapacity, ExecutingJob, Snapshot, AccountStatistics, GateStatistics):
+    _cls.__module__ = "capgate"
+del _cls
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+class RowError(ValueError):
+    """A row of the answer is malformed (internal: the row is skipped and logged)."""
+
+
+def _count(row: Mapping[str, Any], key: str) -> int | None:
+    """A non-negative integer count, ``None`` when absent; ``RowError`` when malformed."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RowError(f"{key} is a boolean")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise RowError(f"{key} is not a whole number")
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        raise RowError(f"{key} is not a number")
+    if number < 0:
+        raise RowError(f"{key} is negative")
+    return number
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _started(value: Any) -> datetime | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return None
+
+
+def _account_row(row: Any, service: Service) -> AccountCapacity:
+    if not isinstance(row, Mapping):
+        raise RowError("row is not an object")
+    account = _text(row.get(service.account_key))
+    if account is None:
+        raise RowError(f"no {service.account_key}")
+    max_jobs = _count(row, "maxJobs")
+    executing = _count(row, "executing")
+    available = _count(row, "available")
+    if available is None and (max_jobs is None or executing is None):
+        raise RowError("no counts")
+    return AccountCapacity(account, max_jobs, executing, available)
+
+
+def _job_row(row: Any, service: Service) -> ExecutingJob:
+    if not isinstance(row, Mapping):
+        raise RowError("row is not an object")
+    job_id = None
+    for key in service.job_id_keys:
+        job_id = _text(row.get(key))
+        if job_id is not None:
+            break
+    if job_id is None:
+        raise RowError(f"no {' or '.join(service.job_id_keys)}")
+    account = None
+    if service.executing_account_key is not None:
+        account = _text(row.get(service.executing_account_key))
+    if account is None:
+        account = service.account_from_job_id(job_id)
+    elapsed = row.get("elapsed")
+    return ExecutingJob(
+        job_id=job_id,
+        account=account,
+        started=_started(row.get("started")),
+        elapsed=elapsed if isinstance(elapsed, str) else None,
+    )
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A malformed row left out of a snapshot (internal, for logging)."""
+
+    section: str
+    index: int
+    reason: str
+
+
+def parse_snapshot(
+    data: Any, service: Service, *, requested_at: float, received_at: float
+) -> tuple[Snapshot, list[SkippedRow]]:
+    """Parse a decoded JSON answer into a :class:`Snapshot`.
+
+    Returns:
+        The snapshot, and the rows that were skipped as malformed.
+
+    Raises:
+        PollError: The answer as a whole is not the documented shape.
+    """
+    if not isinstance(data, Mapping):
+        raise PollError(f"{service.name}: answer is a JSON {type(data).__name__}, not an object")
+    skipped: list[SkippedRow] = []
+    accounts: list[AccountCapacity] = []
+    seen: set[str] = set()
+    for section in ("available", "executing"):
+        rows = data.get(section)
+        if rows is None:
+            continue
+        if not isinstance(rows, list):
+            raise PollError(f"{service.name}: {section!r} is not a list")
+    for index, row in enumerate(data.get("available") or ()):
+        try:
+            capacity = _account_row(row, service)
+        except RowError as exc:
+            skipped.append(SkippedRow("available", index, str(exc)))
+            continue
+        if capacity.account in seen:
+            skipped.append(SkippedRow("available", index, "duplicate account"))
+            continue
+        seen.add(capacity.account)
+        accounts.append(capacity)
+    jobs: list[ExecutingJob] = []
+    for index, row in enumerate(data.get("executing") or ()):
+        try:
+            jobs.append(_job_row(row, service))
+        except RowError as exc:
+            skipped.append(SkippedRow("executing", index, str(exc)))
+    snapshot = Snapshot(
+        service=service.name,
+        accounts=tuple(accounts),
+        executing=tuple(jobs),
+        requested_at=requested_at,
+        received_at=received_at,
+        skipped=len(skipped),
+    )
+    return snapshot, skipped

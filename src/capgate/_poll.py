@@ -1,0 +1,219 @@
+"""Fetching one snapshot of ``scheduler/available`` over httpx.
+
+This is the only module that sees httpx errors: each is mapped here, at one boundary, to
+:class:`PollError` or :class:`AuthenticationError`, chained with ``raise … from exc``.
+The token travels only in the ``Authorization`` header of requests to the configured
+origin; redirects are followed by hand, and only within that origin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import anyio
+import httpx
+
+from ._errors import AuthenticationError, PollError
+from ._models import SkippedRow, Snapshot, parse_snapshot
+from ._services import Service
+from ._version import __version__
+
+__all__ = ["MAX_BODY_BYTES", "check_url", "fetch_snapshot", "parse_retry_after"]
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_REDIRECTS = 5
+USER_AGENT = f"capgate/{__version__}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> httpx.URL:
+    """Validate a scheduler URL: https anywhere, plain http only on loopback.
+
+    Raises:
+        TypeError: ``url`` is not a string.
+        ValueError: The URL is not absolute http(s), or is plain http to a non-loopback host.
+    """
+    if not isinstance(url, (str, httpx.URL)):
+        raise TypeError(f"url must be a str, not {type(url).__name__}")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"url is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("url must be an absolute http:// or https:// URL")
+    if parsed.scheme == "http" and not _is_loopback(parsed.host):
+        raise ValueError(
+            f"url uses plain http:// to {parsed.host}; the token would travel in clear text. "
+            "Use https://, or http:// only on a loopback host"
+        )
+    if parsed.userinfo:
+        raise ValueError("url must not carry credentials; pass the token instead")
+    return parsed
+
+
+def parse_retry_after(value: str | None, *, now_epoch: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if now_epoch is None:
+            import time  # wall-clock only to read an absolute HTTP date
+
+            now_epoch = time.time()
+        seconds = when.timestamp() - now_epoch
+    if seconds != seconds or seconds < 0:  # NaN or in the past
+        return 0.0
+    return seconds
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def _excerpt(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _error_text(data: Any) -> str | None:
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, str):
+            return _excerpt(error)
+        if error is not None:
+            return _excerpt(json.dumps(error, default=str))
+    return None
+
+
+async def _read_limited(response: httpx.Response, service: str) -> bytes:
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise PollError(
+            f"{service}: answer of {int(length)} bytes is over the {MAX_BODY_BYTES} byte limit",
+            status_code=response.status_code,
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PollError(
+                f"{service}: answer is over the {MAX_BODY_BYTES} byte limit",
+                status_code=response.status_code,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def fetch_snapshot(
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    token: str,
+    service: Service,
+    *,
+    timeout: float,
+) -> tuple[Snapshot, list[SkippedRow]]:
+    """One GET of ``scheduler/available``, parsed.
+
+    Args:
+        client: The client to send with.
+        url: The endpoint (validated by :func:`check_url`).
+        token: The API token; sent only to ``url``'s origin.
+        service: Field names to parse with.
+        timeout: Seconds the whole exchange may take (also bounds in-memory transports).
+
+    Returns:
+        The snapshot and the malformed rows that were skipped.
+
+    Raises:
+        AuthenticationError: 401 or 403, or a body saying so.
+        PollError: Anything else that is not a usable answer.
+    """
+    name = service.name
+    requested_at = anyio.current_time()
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json",
+        "User-Agent": USER_AGENT,
+    }
+    target = url
+    try:
+        with anyio.fail_after(timeout):
+            for _ in range(MAX_REDIRECTS + 1):
+                request = client.build_request("GET", target, headers=headers)
+                response = await client.send(request, stream=True, follow_redirects=False)
+                try:
+                    if response.is_redirect:
+                        location = response.headers.get("location", "")
+                        next_url = target.join(location)
+                        if not _same_origin(next_url, url):
+                            raise PollError(
+                                f"{name}: refused a redirect to another origin "
+                                f"({next_url.scheme}://{next_url.host})",
+                                status_code=response.status_code,
+                            )
+                        target = next_url
+                        continue
+                    body = await _read_limited(response, name)
+                finally:
+                    await response.aclose()
+                break
+            else:
+                raise PollError(f"{name}: more than {MAX_REDIRECTS} redirects")
+    except TimeoutError:
+        raise PollError(f"{name}: no answer within {timeout:g} s") from None
+    except httpx.TimeoutException as exc:
+        raise PollError(f"{name}: timed out ({type(exc).__name__})") from exc
+    except httpx.HTTPError as exc:
+        raise PollError(f"{name}: {type(exc).__name__}: {_excerpt(str(exc))}") from exc
+
+    status = response.status_code
+    data: Any = None
+    decode_error: str | None = None
+    try:
+        data = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        decode_error = f"not JSON ({type(exc).__name__})"
+
+    error = _error_text(data)
+    if status in (401, 403):
+        raise AuthenticationError(
+            f"{name}: the API token was refused (HTTP {status}" + (f": {error})" if error else ")"),
+            status_code=status,
+        )
+    if status != 200:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        detail = error or (_excerpt(body.decode("utf-8", "replace")) if body else "empty body")
+        raise PollError(
+            f"{name}: HTTP {status}: {detail}", status_code=status, retry_after=retry_after
+        )
+    if decode_error is not None:
+        raise PollError(f"{name}: answer is {decode_error}", status_code=status)
+    if isinstance(data, dict) and error is not None and "available" not in data:
+        code = data.get("code")
+        if code in (401, 403):
+            raise AuthenticationError(
+                f"{name}: the API token was refused ({error})", status_code=code
+            )
+        raise PollError(f"{name}: error in the answer: {error}", status_code=status)
+    return parse_snapshot(
+        data, service, requested_at=requested_at, received_at=anyio.current_time()
+    )

@@ -1,0 +1,174 @@
+"""Choosing one account among those with room.
+
+A dispatch pass hands waiters out in order; for each one a :class:`Picker` chooses an
+account among the ones that waiter may use and that have room. Built-in strategies:
+
+- ``most_available`` (default): the most free slots; ties go to the server's order.
+  Spreads load, which keeps every account's provider session warm and leaves the most
+  headroom against slots taken from outside the gate.
+- ``round_robin``: the next account with room after the one granted last.
+- ``first_fit``: the first account with room, in the ``accounts=`` order (else the
+  server's). Packs work onto few accounts.
+- a callable ``(candidates: Sequence[Candidate]) -> str``: your own choice.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["STRATEGIES", "Candidate", "Picker", "Strategy", "StrategyName"]
+
+StrategyName = Literal["most_available", "round_robin", "first_fit"]
+STRATEGIES: tuple[str, ...] = ("most_available", "round_robin", "first_fit")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An account a waiter may be granted, as a custom strategy sees it.
+
+    Attributes:
+        account: The account.
+        free: Slots the gate may grant on it now (at least 1).
+        max_jobs: The cap in force (``min(server maxJobs, local max_jobs)``), if known.
+        executing: Jobs executing by the latest snapshot, if known.
+        reserved: Local reservations the snapshot does not reflect yet.
+    """
+
+    account: str
+    free: int
+    max_jobs: int | None
+    executing: int | None
+    reserved: int
+
+
+Candidate.__module__ = "capgate"
+
+Strategy = StrategyName | Callable[[Sequence[Candidate]], str]
+
+
+class Picker:
+    """One dispatch pass's view of the free slots (internal).
+
+    Args:
+        strategy: A built-in name or a callable.
+        free: Free slots per account with room, in server order.
+        order: The accounts in preference order (``first_fit``, ``round_robin``).
+        last: The account granted last (``round_robin``).
+        describe: Builds a :class:`Candidate` for a callable strategy.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        free: dict[str, int],
+        order: Sequence[str],
+        *,
+        last: str | None = None,
+        describe: Callable[[str, int], Candidate] | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.free = free
+        self.total = sum(free.values())
+        self.last = last
+        self._describe = describe
+        self._rank = {account: i for i, account in enumerate(order)}
+        for account in free:
+            if account not in self._rank:
+                self._rank[account] = len(self._rank)
+        self._order = sorted(free, key=self._rank.__getitem__)
+        self._heap: list[tuple[int, int, str]] | None = None
+        self._cursor = 0
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def take(self, account: str) -> None:
+        """Count one grant on ``account``."""
+        left = self.free[account] - 1
+        if left > 0:
+            self.free[account] = left
+            if self._heap is not None:
+                heapq.heappush(self._heap, (-left, self._rank[account], account))
+        else:
+            del self.free[account]
+        self.total -= 1
+        self.last = account
+
+    def pick(self, allowed: frozenset[str] | None) -> str | None:
+        """The account to grant a waiter restricted to ``allowed`` (``None``: any), if any."""
+        if self.total <= 0:
+            return None
+        if callable(self.strategy):
+            return self._pick_callable(allowed)
+        if self.strategy == "most_available":
+            return self._most_available(allowed)
+        if self.strategy == "first_fit":
+            return self._first_fit(allowed)
+        return self._round_robin(allowed)
+
+    def _candidates(self, allowed: frozenset[str] | None) -> list[str]:
+        if allowed is None:
+            return [a for a in self._order if a in self.free]
+        return sorted((a for a in allowed if a in self.free), key=self._rank.__getitem__)
+
+    def _most_available(self, allowed: frozenset[str] | None) -> str | None:
+        if allowed is not None:
+            best: tuple[int, int] | None = None
+            choice = None
+            for account in allowed:
+                n = self.free.get(account)
+                if n is not None:
+                    key = (-n, self._rank[account])
+                    if best is None or key < best:
+                        best, choice = key, account
+            return choice
+        if self._heap is None:
+            self._heap = [(-n, self._rank[a], a) for a, n in self.free.items()]
+            heapq.heapify(self._heap)
+        while self._heap:
+            neg, _, account = self._heap[0]
+            if self.free.get(account) == -neg:
+                return account  # left in place: take() pushes the new count, this goes stale
+            heapq.heappop(self._heap)  # stale: the account's count changed since
+        return None
+
+    def _first_fit(self, allowed: frozenset[str] | None) -> str | None:
+        if allowed is not None:
+            found = self._candidates(allowed)
+            return found[0] if found else None
+        # free counts only fall during a pass, so the cursor never needs to move back
+        while self._cursor < len(self._order):
+            account = self._order[self._cursor]
+            if account in self.free:
+                return account
+            self._cursor += 1
+        return None
+
+    def _round_robin(self, allowed: frozenset[str] | None) -> str | None:
+        found = self._candidates(allowed)
+        if not found:
+            return None
+        if self.last is None or self.last not in self._rank:
+            return found[0]
+        last_rank = self._rank[self.last]
+        for account in found:
+            if self._rank[account] > last_rank:
+                return account
+        return found[0]
+
+    def _pick_callable(self, allowed: frozenset[str] | None) -> str | None:
+        assert callable(self.strategy)  # noqa: S101 - narrowed by pick()
+        assert self._describe is not None  # noqa: S101
+        names = self._candidates(allowed)
+        if not names:
+            return None
+        candidates = [self._describe(a, self.free[a]) for a in names]
+        choice = self.strategy(candidates)
+        if isinstance(choice, Candidate):
+            choice = choice.account
+        if choice not in names:
+            raise ValueError(f"strategy returned {choice!r}, which is not one of the candidates")
+        return choice
