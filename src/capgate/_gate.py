@@ -23,7 +23,7 @@ import itertools
 import math
 import os
 import random
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +38,7 @@ from ._errors import (
     GateClosed,
     PollError,
     SlotTimeout,
+    SubmissionFailed,
 )
 from ._ledger import Ledger, Reservation
 from ._models import AccountStatistics, GateStatistics, Snapshot
@@ -53,6 +54,26 @@ log = structlog.get_logger("capgate")
 INVALIDATE_FLOOR = 0.5
 #: a Retry-After longer than this is taken as this (seconds)
 MAX_RETRY_AFTER = 3600.0
+#: create answers meaning "busy after all": 429, and MiniMax's 502/504 (provider busy)
+BUSY_STATUSES = frozenset({429, 502, 504})
+#: create answers no retry on the same account will fix: on hold (596), no credits (412),
+#: no useapi subscription (402)
+BROKEN_STATUSES = frozenset({596, 412, 402})
+
+
+async def _json(response: httpx.Response) -> Any:
+    """A response's JSON body, or ``None`` when it has none (never raises)."""
+    try:
+        await response.aread()
+        return response.json()
+    except Exception:  # noqa: BLE001 - any unreadable body simply has no job id
+        return None
+
+
+def _error_excerpt(body: Any, limit: int = 200) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    text = " ".join(str(error).split()) if error is not None else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _now_or_none() -> float | None:
@@ -234,6 +255,12 @@ class Slot:
             self._state = "given back"
             self._gate._give_back(self._res, why="quarantined")
         self._gate.quarantine(self._account, seconds=seconds, reason=reason)
+
+    def _give_back_unused(self) -> None:
+        """No job was created on this slot: give it back at once (internal)."""
+        if self._state == "held":
+            self._state = "given back"
+            self._gate._give_back(self._res, why="unused")
 
     def _exit(self, exc: BaseException | None) -> None:
         if self._state == "held":
@@ -532,6 +559,97 @@ class CapacityGate:
             if inflight.error is not None:
                 raise copy.copy(inflight.error) from inflight.error
             # the poller was cancelled mid-request: make the poll ourselves
+
+    async def submit(
+        self,
+        create: Callable[[str], Awaitable[httpx.Response]],
+        *,
+        account: str | Collection[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int = 6,
+    ) -> httpx.Response:
+        """Submit a job through the gate, retrying on busy and broken accounts.
+
+        Each attempt waits for a slot, awaits ``create(account)`` (your own create request)
+        and reads the response:
+
+        - 2xx: the slot is marked submitted with the job id found in the body; returned.
+        - 429, 502, 504: the account was busy after all (``mark_busy``); try again, perhaps
+          on another account.
+        - 596, 412, 402: the account is quarantined for ``quarantine_for`` seconds; try
+          again on another account.
+        - 401: :class:`AuthenticationError`. Anything else is returned untouched.
+
+        Args:
+            create: ``async (account) -> httpx.Response``.
+            account: One account, a collection of allowed accounts, or ``None`` for any.
+            timeout: Seconds in all to wait for slots (the create calls are not timed).
+            max_attempts: Create calls at most.
+
+        Returns:
+            The response that ended the attempts.
+
+        Raises:
+            SubmissionFailed: Every attempt met a busy or broken account.
+            AccountQuarantined: Every account allowed was quarantined along the way.
+            SlotTimeout: No slot within ``timeout``.
+            AuthenticationError: ``create`` answered 401.
+            TypeError: ``create`` returned something other than an ``httpx.Response``.
+        """
+        if not callable(create):
+            raise TypeError(f"create must be an async callable, not {type(create).__name__}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise TypeError(f"max_attempts must be an int, not {type(max_attempts).__name__}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if timeout is not None:
+            timeout = _number("timeout", timeout, minimum=0, inclusive=True)
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        last: httpx.Response | None = None
+        last_account: str | None = None
+        for attempt in range(1, max_attempts + 1):
+            left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+            async with self.slot(account, timeout=left) as slot:
+                response = await create(slot.account)
+                if not isinstance(response, httpx.Response):
+                    raise TypeError(
+                        f"create must return an httpx.Response, not {type(response).__name__}"
+                    )
+                status = response.status_code
+                last, last_account = response, slot.account
+                if 200 <= status < 300:
+                    slot.mark_submitted(self._service.job_id_from(await _json(response)))
+                    return response
+                if status in BUSY_STATUSES:
+                    log.info(
+                        "capgate.submit_busy",
+                        service=self.service,
+                        account=slot.account,
+                        status_code=status,
+                        attempt=attempt,
+                    )
+                    slot.mark_busy()
+                    continue
+                if status in BROKEN_STATUSES:
+                    error = _error_excerpt(await _json(response))
+                    reason = f"HTTP {status}" + (f": {error}" if error else "")
+                    slot.quarantine(reason=reason)
+                    continue
+                if status == 401:
+                    slot._give_back_unused()
+                    raise AuthenticationError(
+                        f"{self.service}: the create request was refused (HTTP 401)",
+                        status_code=401,
+                    )
+                return response
+        assert last is not None  # noqa: S101 - max_attempts >= 1
+        raise SubmissionFailed(
+            f"{self.service}: no account took the job in {max_attempts} attempts "
+            f"(last: HTTP {last.status_code} from {last_account})",
+            response=last,
+            attempts=max_attempts,
+            account=last_account,
+        )
 
     def invalidate(self) -> None:
         """Something changed (a job finished): poll as soon as allowed.

@@ -41,6 +41,18 @@ class Service:
         """The default ``scheduler/available`` URL."""
         return f"{API_ROOT}/{self.version}/{self.name}/scheduler/available"
 
+    def job_id_from(self, body: object) -> str | None:
+        """The job id in a create response's JSON body (``id``, ``jobId``, ``videoId``…)."""
+        if not isinstance(body, dict):
+            return None
+        for key in (*self.job_id_keys, "jobId", "job_id", "id"):
+            value = body.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+        return None
+
     def account_from_job_id(self, job_id: str) -> str | None:
         """The account embedded in a job id (``…-minimax:<account>-video:…``), if any."""
         if self.embedded_marker is None:
