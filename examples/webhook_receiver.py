@@ -116,7 +116,7 @@ async def main(jobs: int = 30, workers: int = 12) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve)
             tg.start_soon(fake.run_callbacks)
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                 await anyio.sleep(0.01)
             async with anyio.create_task_group() as pool:
                 for _ in range(workers):
