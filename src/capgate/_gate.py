@@ -1068,6 +1068,10 @@ class CapacityGate:
             self._on_snapshot(snapshot, skipped, sent_tick, sent)
             return snapshot
         finally:
+            if inflight.snapshot is None and inflight.error is None:
+                # aborted (the polling waiter was cancelled): the request still reached the
+                # server, so the spacing rule holds; the next driver polls after it
+                self._next_poll_at = max(self._next_poll_at, sent + self._poll_interval)
             self._inflight = None
             inflight.done.set()
             self._wake_driver()
