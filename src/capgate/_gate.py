@@ -821,6 +821,21 @@ class CapacityGate:
             failure, when = self._auth_failure
             if now - when < self._poll_interval:
                 raise copy.copy(failure)
+        if not self._waiting:
+            # nobody queued ahead: a fresh snapshot with room grants at once (the hot path)
+            picker = self._picker(now)
+            account = None if picker is None else self._pick(picker, allowed)
+            if account is not None:
+                self._grants += 1
+                log.debug(
+                    "capgate.grant",
+                    service=self.service,
+                    account=account,
+                    waited=0.0,
+                    priority=priority,
+                    waiting=0,
+                )
+                return Slot(self, self._ledger.reserve(account, now), 0.0)
         waiter = _Waiter(next(self._seq), priority, allowed, now)
         self._enqueue(waiter)
         try:
@@ -945,39 +960,50 @@ class CapacityGate:
     def _fresh(self, now: float | None) -> bool:
         return self._ledger.snapshot is not None and now is not None and now < self._fresh_until
 
+    def _picker(self, now: float) -> Picker | None:
+        """This instant's free slots, ready to hand out; ``None`` when there are none."""
+        if not self._fresh(now):
+            return None
+        free = self._ledger.free_accounts(now)
+        if self._allow is not None:
+            free = {a: n for a, n in free.items() if a in self._allow}
+        if not free:
+            return None
+        snapshot = self._ledger.snapshot
+        assert snapshot is not None  # noqa: S101 - _fresh() checked it
+        order = self._accounts or [row.account for row in snapshot.accounts]
+        return Picker(self._strategy, free, order, last=self._rr_last, describe=self._candidate)
+
+    def _pick(self, picker: Picker, allowed: frozenset[str] | None) -> str | None:
+        """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""
+        try:
+            account = picker.pick(allowed)
+        except Exception as exc:
+            log.exception(
+                "capgate.strategy_failed",
+                service=self.service,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            account = Picker("most_available", dict(picker.free), ()).pick(allowed)
+        if account is not None:
+            picker.take(account)
+            self._rr_last = account
+        return account
+
     def _dispatch(self) -> None:
         """One pass over the queue: grant every waiter it can, in service order."""
         if not self._waiting or self._closed:
             return
         now = anyio.current_time()
-        if not self._fresh(now):
+        picker = self._picker(now)
+        if picker is None:
             return
-        free = self._ledger.free_accounts(now)
-        if self._allow is not None:
-            free = {a: n for a, n in free.items() if a in self._allow}
-        if not free:
-            return
-        snapshot = self._ledger.snapshot
-        assert snapshot is not None  # noqa: S101 - _fresh() checked it
-        order = self._accounts or [row.account for row in snapshot.accounts]
-        picker = Picker(self._strategy, free, order, last=self._rr_last, describe=self._candidate)
         for waiter in self._iter_waiters():
             if not picker:
                 break
-            try:
-                account = picker.pick(waiter.allowed)
-            except Exception as exc:
-                log.exception(
-                    "capgate.strategy_failed",
-                    service=self.service,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                account = Picker("most_available", dict(picker.free), order).pick(waiter.allowed)
-            if account is None:
-                continue
-            picker.take(account)
-            self._grant(waiter, account, now)
-        self._rr_last = picker.last
+            account = self._pick(picker, waiter.allowed)
+            if account is not None:
+                self._grant(waiter, account, now)
 
     def _candidate(self, account: str, free: int) -> Candidate:
         snapshot = self._ledger.snapshot
@@ -991,7 +1017,7 @@ class CapacityGate:
         )
 
     def _grant(self, waiter: _Waiter, account: str, now: float) -> None:
-        waiter.reservation = self._ledger.reserve(account)
+        waiter.reservation = self._ledger.reserve(account, now)
         self._dequeue(waiter)
         self._grants += 1
         log.debug(

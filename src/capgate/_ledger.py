@@ -107,9 +107,9 @@ class Ledger:
 
     # --- reservations -----------------------------------------------------------------
 
-    def reserve(self, account: str) -> Reservation:
+    def reserve(self, account: str, now: float | None = None) -> Reservation:
         """Record a grant on ``account`` (the caller checked :meth:`free` first)."""
-        res = Reservation(next(self._ids), account, self._clock())
+        res = Reservation(next(self._ids), account, self._clock() if now is None else now)
         self._reservations[res.id] = res
         self._pending[account] += 1
         return res
