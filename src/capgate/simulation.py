@@ -1,0 +1,708 @@
+"""Virtual-time scenarios: how well a dispatcher gets jobs through a set of accounts.
+
+A :class:`Scenario` describes the accounts (their ``maxJobs``), the jobs (how many, how long,
+when they arrive), the load from outside the gate, counts that lag, and whether completion
+callbacks wake the gate. :func:`simulate` runs one dispatcher on it against a
+:class:`~capgate.testing.FakeScheduler`, on trio's ``MockClock(autojump_threshold=0)``: hours
+of scheduling take milliseconds and every figure is exact and reproducible for a seed::
+
+    from capgate.simulation import Scenario, simulate
+
+    result = simulate(Scenario(accounts=(5, 3, 2), jobs=200, duration=(30, 120)))
+    print(result.makespan_ratio, result.utilisation, result.rejected_429)
+
+Every dispatcher sees the same job list, the same arrival times and the same outside load
+(all drawn from ``seed``), and speaks plain HTTP to the fake (every poll and every create is
+one request), so their figures compare directly:
+
+- ``capgate``: a :class:`~capgate.CapacityGate` with the scenario's ``poll_interval``, one
+  task per worker; with ``callbacks=True`` every finished job calls ``gate.invalidate()``.
+- ``retry-429``: submit to a random account; on 429 sleep 10 s and retry (useapi's scripts).
+- ``poll-first``: poll before each submit, take the first listed account, sleep 20 s when
+  none is free or the create answers 429; no local bookkeeping (useapi's MiniMax script).
+- ``static-limiter``: an ``anyio.CapacityLimiter`` sized to the sum of ``maxJobs`` (a slot is
+  held until the job ends), a random account, and 10 s of sleep on 429.
+- ``oracle``: sees the service's true state and every completion the instant it happens, and
+  starts the next job at once on the account with the most free slots. It is the bound the
+  others are measured against (greedy in arrival order, so a bound on dispatch delay, not a
+  proof of the optimal schedule).
+
+A worker takes the next job, waits for a slot, creates the job and moves on: it does not wait
+for the job to finish. ``workers=None`` gives one worker per job (every job waits at once).
+trio is needed only here (``pip install trio``, or the ``test``/``bench`` extra) and is
+imported when a simulation runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import anyio
+import httpx
+
+from ._errors import SubmissionFailed
+from ._gate import CapacityGate
+from .testing import FakeScheduler
+
+__all__ = [
+    "DISPATCHERS",
+    "Scenario",
+    "SimulationResult",
+    "Timeline",
+    "run_scenario",
+    "simulate",
+]
+
+#: The dispatchers :func:`simulate` knows, in the order the benchmarks report them.
+DISPATCHERS = ("capgate", "retry-429", "poll-first", "static-limiter", "oracle")
+
+#: How long the naive dispatchers sleep: useapi's scripts sleep 10 s on 429 ...
+RETRY_SLEEP = 10.0
+#: ... and the MiniMax script 20 s when no account is listed as free.
+POLL_FIRST_SLEEP = 20.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload and the service it runs against.
+
+    Attributes:
+        name: A label for tables and plots.
+        accounts: ``maxJobs`` of each account (accounts are named ``acct000@sim.test``…).
+        jobs: How many jobs to get through.
+        duration: ``(low, high)`` seconds a job runs.
+        distribution: ``"uniform"`` over ``duration``, or ``"pareto"``: ``low`` times a
+            Pareto variate of shape ``pareto_alpha``, cut at ``high`` (heavy-tailed).
+        pareto_alpha: The Pareto shape (smaller is heavier; 1.5 has a mean of 3x ``low``).
+        seed: Seeds every random draw: durations, arrivals, outside load, choices, jitter.
+        poll_interval: The gate's ``poll_interval``.
+        workers: Concurrent submitting tasks; ``None`` for one per job.
+        arrival_window: Jobs arrive uniformly over this many seconds; 0: all at once.
+        outside_jobs: Jobs started from outside the gate, on random accounts at random
+            times, each only if its account has room then (a person on the provider's site).
+        outside_window: Seconds over which outside jobs arrive; ``None``: the time the jobs
+            would take at full use of every slot (total work / total ``maxJobs``).
+        lag: The service's counts describe the state this many seconds ago.
+        callbacks: Completion callbacks call ``gate.invalidate()`` (capgate only).
+        service: The useapi.net service whose field names the fake speaks.
+    """
+
+    name: str = "custom"
+    accounts: tuple[int, ...] = (5, 3, 2)
+    jobs: int = 200
+    duration: tuple[float, float] = (30.0, 120.0)
+    distribution: str = "uniform"
+    pareto_alpha: float = 1.5
+    seed: int = 0
+    poll_interval: float = 5.0
+    workers: int | None = None
+    arrival_window: float = 0.0
+    outside_jobs: int = 0
+    outside_window: float | None = None
+    lag: float = 0.0
+    callbacks: bool = False
+    service: str = "ltxstudio"
+
+    def __post_init__(self) -> None:
+        if not self.accounts or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.accounts
+        ):
+            raise ValueError("accounts must be a non-empty sequence of maxJobs >= 1")
+        object.__setattr__(self, "accounts", tuple(self.accounts))
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        low, high = self.duration
+        if not (0 < low <= high) or not math.isfinite(high):
+            raise ValueError(
+                f"duration must be (low, high) with 0 < low <= high, got {self.duration}"
+            )
+        object.__setattr__(self, "duration", (float(low), float(high)))
+        if self.distribution not in ("uniform", "pareto"):
+            raise ValueError(
+                f"distribution must be 'uniform' or 'pareto', got {self.distribution!r}"
+            )
+        if self.pareto_alpha <= 0:
+            raise ValueError(f"pareto_alpha must be > 0, got {self.pareto_alpha}")
+        if self.poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, got {self.poll_interval}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 or None, got {self.workers}")
+        if self.arrival_window < 0 or self.outside_jobs < 0 or self.lag < 0:
+            raise ValueError("arrival_window, outside_jobs and lag must be >= 0")
+
+    # --- what it draws (the same for every dispatcher) ----------------------------------
+
+    @property
+    def account_names(self) -> tuple[str, ...]:
+        """The accounts' names, in order."""
+        width = max(3, len(str(len(self.accounts) - 1)))
+        return tuple(f"acct{i:0{width}d}@sim.test" for i in range(len(self.accounts)))
+
+    @property
+    def capacity(self) -> int:
+        """The sum of ``maxJobs``."""
+        return sum(self.accounts)
+
+    def _draw(self, rng: random.Random) -> float:
+        low, high = self.duration
+        if self.distribution == "pareto":
+            return min(high, low * rng.paretovariate(self.pareto_alpha))
+        return rng.uniform(low, high)
+
+    def job_durations(self) -> list[float]:
+        """Each job's duration in seconds, in arrival order."""
+        rng = random.Random(f"{self.seed}:durations")
+        return [self._draw(rng) for _ in range(self.jobs)]
+
+    def arrivals(self) -> list[float]:
+        """Each job's arrival, in seconds from the start, ascending."""
+        if self.arrival_window <= 0:
+            return [0.0] * self.jobs
+        rng = random.Random(f"{self.seed}:arrivals")
+        return sorted(rng.uniform(0, self.arrival_window) for _ in range(self.jobs))
+
+    def ideal_makespan(self) -> float:
+        """A lower bound ignoring outside load: ``max(total work / capacity, longest job)``."""
+        durations = self.job_durations()
+        return max(sum(durations) / self.capacity, max(durations))
+
+    def outside_load(self) -> list[tuple[float, str, float]]:
+        """The outside jobs as ``(at, account, duration)``, ``at`` in seconds from the start."""
+        if not self.outside_jobs:
+            return []
+        rng = random.Random(f"{self.seed}:outside")
+        window = self.outside_window
+        if window is None:
+            window = sum(self.job_durations()) / self.capacity
+        names = self.account_names
+        return sorted(
+            (rng.uniform(0, window), rng.choice(names), self._draw(rng))
+            for _ in range(self.outside_jobs)
+        )
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Slots in use and workers waiting, sampled at regular instants.
+
+    Attributes:
+        times: Seconds from the start of the run.
+        busy: Per account, jobs running at each instant (ours and outside ones).
+        outside: Per account, outside jobs running at each instant.
+        capacity: ``maxJobs`` per account.
+        waiting: Jobs that had arrived but not started, at each instant.
+    """
+
+    times: tuple[float, ...]
+    busy: Mapping[str, tuple[int, ...]]
+    outside: Mapping[str, tuple[int, ...]]
+    capacity: Mapping[str, int]
+    waiting: tuple[int, ...]
+
+    def utilisation(self) -> tuple[float, ...]:
+        """The share of all slots busy (with any job) at each instant."""
+        total = sum(self.capacity.values())
+        columns = zip(*self.busy.values(), strict=True) if self.busy else iter(())
+        return tuple(sum(col) / total for col in columns)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What one dispatcher did on one scenario. Times are seconds from the start.
+
+    Attributes:
+        scenario: The scenario run.
+        dispatcher: Its label (``"capgate+callbacks"`` when callbacks woke the gate).
+        jobs: Jobs created.
+        makespan: When the last of our jobs finished.
+        oracle_makespan: The oracle's makespan on the same scenario (``None`` if not run).
+        ideal_makespan: :meth:`Scenario.ideal_makespan`, a bound ignoring outside load.
+        utilisation: Our busy slot-seconds over the slot-seconds outside load left free,
+            during the makespan (1.0: not one free slot-second went unused).
+        wait_mean: Mean seconds from a job's arrival to its start.
+        wait_p99: The 99th percentile of the same (nearest rank).
+        wait_max: The longest wait.
+        polls: ``scheduler/available`` requests.
+        requests: Every HTTP request (polls, creates, including the refused ones).
+        rejected_429: Create requests refused with 429.
+        outside_started: Outside jobs that found room and ran.
+        timeline: Slots and waiting workers over time, for plots.
+    """
+
+    scenario: Scenario
+    dispatcher: str
+    jobs: int
+    makespan: float
+    oracle_makespan: float | None
+    ideal_makespan: float
+    utilisation: float
+    wait_mean: float
+    wait_p99: float
+    wait_max: float
+    polls: int
+    requests: int
+    rejected_429: int
+    outside_started: int
+    timeline: Timeline = field(repr=False, compare=False)
+
+    @property
+    def makespan_ratio(self) -> float | None:
+        """``makespan / oracle_makespan`` (1.0 is as good as the oracle)."""
+        if self.oracle_makespan is None or self.oracle_makespan <= 0:
+            return None
+        return self.makespan / self.oracle_makespan
+
+    @property
+    def requests_per_job(self) -> float:
+        """HTTP requests per job created."""
+        return self.requests / self.jobs if self.jobs else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat JSON-able row (no timeline)."""
+        return {
+            "scenario": self.scenario.name,
+            "dispatcher": self.dispatcher,
+            "jobs": self.jobs,
+            "makespan": round(self.makespan, 3),
+            "oracle_makespan": None
+            if self.oracle_makespan is None
+            else round(self.oracle_makespan, 3),
+            "makespan_ratio": None
+            if self.makespan_ratio is None
+            else round(self.makespan_ratio, 4),
+            "ideal_makespan": round(self.ideal_makespan, 3),
+            "utilisation": round(self.utilisation, 4),
+            "wait_mean": round(self.wait_mean, 3),
+            "wait_p99": round(self.wait_p99, 3),
+            "wait_max": round(self.wait_max, 3),
+            "polls": self.polls,
+            "requests": self.requests,
+            "requests_per_job": round(self.requests_per_job, 3),
+            "rejected_429": self.rejected_429,
+            "outside_started": self.outside_started,
+            "params": {k: v for k, v in asdict(self.scenario).items() if k != "name"},
+        }
+
+
+# --- running --------------------------------------------------------------------------
+
+
+def _import_trio() -> Any:
+    try:
+        import trio
+        import trio.testing
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ModuleNotFoundError(
+            "capgate.simulation runs on trio's virtual clock; install trio "
+            "(pip install trio, or capgate's 'test' or 'bench' extra)",
+            name="trio",
+        ) from exc
+    return trio
+
+
+def simulate(
+    scenario: Scenario, dispatcher: str = "capgate", *, oracle: bool = True
+) -> SimulationResult:
+    """Run ``dispatcher`` on ``scenario`` in virtual time and measure it.
+
+    Args:
+        scenario: The workload.
+        dispatcher: One of :data:`DISPATCHERS`.
+        oracle: Also run the oracle on the same scenario, for ``makespan_ratio``.
+
+    Returns:
+        The figures, with a timeline for plots.
+
+    Raises:
+        ValueError: ``dispatcher`` is not one of :data:`DISPATCHERS`.
+        ModuleNotFoundError: trio is not installed.
+        TimeoutError: The run did not finish (a dispatcher that never gets through).
+    """
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"unknown dispatcher {dispatcher!r}; use one of {', '.join(DISPATCHERS)}")
+    trio = _import_trio()
+    bound = None
+    if oracle and dispatcher != "oracle":
+        bound = simulate(replace(scenario, callbacks=False), "oracle", oracle=False).makespan
+    _seed_trio(trio, scenario.seed)
+    result: SimulationResult = trio.run(
+        run_scenario, scenario, dispatcher, clock=trio.testing.MockClock(autojump_threshold=0)
+    )
+    if dispatcher == "oracle":
+        bound = result.makespan
+    return replace(result, oracle_makespan=bound)
+
+
+def _seed_trio(trio: Any, seed: int) -> None:
+    # trio shuffles the order of runnable tasks with a private Random; seeding it makes a
+    # run repeat exactly (Hypothesis registers the same object for the same reason)
+    rng = getattr(getattr(trio, "_core", None), "_run", None)
+    rng = getattr(rng, "_r", None)
+    if isinstance(rng, random.Random):
+        rng.seed(f"{seed}:trio")
+
+
+async def run_scenario(
+    scenario: Scenario,
+    dispatcher: str = "capgate",
+    *,
+    fake: FakeScheduler | None = None,
+    client: httpx.AsyncClient | None = None,
+    url: str | None = None,
+) -> SimulationResult:
+    """Run ``dispatcher`` on ``scenario`` in the current event loop, with its clock.
+
+    :func:`simulate` calls this under trio's virtual clock. Call it yourself to run on a
+    real clock, e.g. against :func:`capgate.testing.serve` (pass the fake it serves, its
+    ``url`` and a client; the scenario should then use short durations). ``oracle_makespan``
+    is left ``None``.
+
+    Args:
+        scenario: The workload.
+        dispatcher: One of :data:`DISPATCHERS` (``oracle`` needs the fake in-process and
+            no ``url``).
+        fake: The service; by default a new in-memory one built from the scenario.
+        client: Sends every request; by default one over ``fake.transport()``.
+        url: The ``scheduler/available`` URL (creates go to the same host); by default the
+            fake's own URL, answered by its transport.
+
+    Returns:
+        The figures; ``oracle_makespan`` is ``None``.
+    """
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"unknown dispatcher {dispatcher!r}; use one of {', '.join(DISPATCHERS)}")
+    if dispatcher == "oracle" and url is not None:
+        raise ValueError("the oracle reads the fake's state directly: run it without url=")
+    names = scenario.account_names
+    if fake is None:
+        fake = FakeScheduler(
+            dict(zip(names, scenario.accounts, strict=True)),
+            service=scenario.service,
+            lag=scenario.lag,
+            seed=scenario.seed,
+            job_duration=scenario.duration,
+        )
+    own_client = client is None
+    if client is None:
+        client = httpx.AsyncClient(transport=fake.transport())
+    env = _Env(scenario, fake, client, url or fake.url)
+    try:
+        with anyio.fail_after(_time_limit(scenario)):
+            await _RUNNERS[dispatcher](env)
+    except TimeoutError:
+        raise TimeoutError(
+            f"{dispatcher} did not get {scenario.jobs} jobs through scenario "
+            f"{scenario.name!r} within {_time_limit(scenario):g} s"
+        ) from None
+    finally:
+        if own_client:
+            await client.aclose()
+    label = dispatcher + ("+callbacks" if dispatcher == "capgate" and scenario.callbacks else "")
+    return env.result(label)
+
+
+def _time_limit(scenario: Scenario) -> float:
+    return max(86_400.0, 100 * scenario.ideal_makespan() + scenario.arrival_window)
+
+
+class _Job:
+    __slots__ = ("account", "arrival", "duration", "end", "index", "start")
+
+    def __init__(self, index: int, arrival: float, duration: float) -> None:
+        self.index = index
+        self.arrival = arrival
+        self.duration = duration
+        self.start = math.nan
+        self.end = math.nan
+        self.account = ""
+
+
+class _Env:
+    """One run: the jobs, the fake, and the HTTP both sides speak (internal)."""
+
+    def __init__(
+        self, scenario: Scenario, fake: FakeScheduler, client: httpx.AsyncClient, url: str
+    ) -> None:
+        self.scenario = scenario
+        self.fake = fake
+        self.client = client
+        self.url = url
+        self.create_url = url.replace("/scheduler/available", "/jobs")
+        self.headers = {"Authorization": f"Bearer {fake.token}"}
+        self.spec = fake.spec
+        self.t0 = anyio.current_time()
+        self.jobs = [
+            _Job(i, self.t0 + at, d)
+            for i, (at, d) in enumerate(
+                zip(scenario.arrivals(), scenario.job_durations(), strict=True)
+            )
+        ]
+        self._next = 0
+        self.outside_ids: set[str] = set()
+        self.requests0 = fake.requests
+        self.polls0 = fake.polls
+        self.rejected0 = fake.rejected_429
+        for at, account, duration in scenario.outside_load():
+            fake.add_outside_job(account, duration, at=self.t0 + at)
+
+    def rng(self, purpose: str) -> random.Random:
+        return random.Random(f"{self.scenario.seed}:{purpose}")
+
+    def next_job(self) -> _Job | None:
+        if self._next >= len(self.jobs):
+            return None
+        job = self.jobs[self._next]
+        self._next += 1
+        return job
+
+    @property
+    def worker_count(self) -> int:
+        return self.scenario.workers or self.scenario.jobs
+
+    async def arrive(self, job: _Job) -> None:
+        delay = job.arrival - anyio.current_time()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    async def post(self, job: _Job, account: str) -> httpx.Response:
+        """The create request; on success the job's start and end are recorded."""
+        response = await self.client.post(
+            self.create_url,
+            json={self.spec.account_key: account, "duration": job.duration},
+            headers=self.headers,
+        )
+        if response.status_code == 200:
+            job_id = self.spec.job_id_from(response.json())
+            made = self.fake.jobs[str(job_id)]
+            job.start, job.end, job.account = made.start, made.end, account
+        elif response.status_code != 429:
+            raise RuntimeError(f"create answered HTTP {response.status_code}: {response.text}")
+        return response
+
+    async def available(self) -> list[str]:
+        """Poll, as a naive script would: the accounts listed with a free slot, in order."""
+        response = await self.client.get(self.url, headers=self.headers)
+        response.raise_for_status()
+        rows = response.json().get("available") or []
+        key = self.spec.account_key
+        return [r[key] for r in rows if isinstance(r, dict) and (r.get("available") or 0) > 0]
+
+    # --- figures ------------------------------------------------------------------------
+
+    def result(self, label: str) -> SimulationResult:
+        scenario, fake, t0 = self.scenario, self.fake, self.t0
+        jobs = self.jobs
+        if any(math.isnan(j.start) for j in jobs):
+            raise RuntimeError(f"{label}: some jobs were never created")
+        makespan = max(j.end for j in jobs) - t0
+        horizon = t0 + makespan
+        outside = [j for j in fake.jobs.values() if j.outside and j.start < horizon]
+        ours_busy = sum(j.duration for j in jobs)
+        outside_busy = sum(max(0.0, min(j.end, horizon) - max(j.start, t0)) for j in outside)
+        free_slot_seconds = scenario.capacity * makespan - outside_busy
+        waits = sorted(j.start - j.arrival for j in jobs)
+        rank = max(0, math.ceil(0.99 * len(waits)) - 1)
+        return SimulationResult(
+            scenario=scenario,
+            dispatcher=label,
+            jobs=len(jobs),
+            makespan=makespan,
+            oracle_makespan=None,
+            ideal_makespan=scenario.ideal_makespan(),
+            utilisation=ours_busy / free_slot_seconds if free_slot_seconds > 0 else math.nan,
+            wait_mean=sum(waits) / len(waits),
+            wait_p99=waits[rank],
+            wait_max=waits[-1],
+            polls=fake.polls - self.polls0,
+            requests=fake.requests - self.requests0,
+            rejected_429=fake.rejected_429 - self.rejected0,
+            outside_started=len(outside),
+            timeline=self._timeline(makespan, outside),
+        )
+
+    def _timeline(self, makespan: float, outside: Sequence[Any], samples: int = 240) -> Timeline:
+        t0 = self.t0
+        names = self.scenario.account_names
+        step = makespan / samples if makespan > 0 else 1.0
+        times = [k * step for k in range(samples + 1)]
+
+        def running(intervals: list[tuple[float, float]]) -> tuple[int, ...]:
+            starts = sorted(s - t0 for s, _ in intervals)
+            ends = sorted(e - t0 for _, e in intervals)
+            return tuple(
+                bisect.bisect_right(starts, t) - bisect.bisect_right(ends, t) for t in times
+            )
+
+        ours: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+        theirs: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+        for j in self.jobs:
+            ours[j.account].append((j.start, j.end))
+        for o in outside:
+            theirs[o.account].append((o.start, o.end))
+        outside_counts = {n: running(theirs[n]) for n in names}
+        busy = {
+            n: tuple(a + b for a, b in zip(running(ours[n]), outside_counts[n], strict=True))
+            for n in names
+        }
+        arrived = sorted(j.arrival - t0 for j in self.jobs)
+        started = sorted(j.start - t0 for j in self.jobs)
+        waiting = tuple(
+            bisect.bisect_right(arrived, t) - bisect.bisect_right(started, t) for t in times
+        )
+        return Timeline(
+            times=tuple(times),
+            busy=busy,
+            outside=outside_counts,
+            capacity=dict(zip(names, self.scenario.accounts, strict=True)),
+            waiting=waiting,
+        )
+
+
+# --- the dispatchers --------------------------------------------------------------------
+
+
+async def _workers(env: _Env, work: Any) -> None:
+    """Run ``work(job)`` for every job, ``env.worker_count`` at a time, in arrival order."""
+
+    async def worker() -> None:
+        while (job := env.next_job()) is not None:
+            await env.arrive(job)
+            await work(job)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(env.worker_count, len(env.jobs))):
+            tg.start_soon(worker)
+
+
+async def _run_capgate(env: _Env) -> None:
+    scenario = env.scenario
+    gate = CapacityGate(
+        env.fake.token,
+        service=scenario.service,
+        url=env.url,
+        client=env.client,
+        poll_interval=scenario.poll_interval,
+    )
+    # the gate's jitter is random; seed it so a run repeats exactly
+    gate._rng.seed(f"{scenario.seed}:jitter")
+    submit = getattr(gate, "submit", None)
+
+    async def through_slots(job: _Job) -> None:
+        while True:
+            async with gate.slot() as slot:
+                response = await env.post(job, slot.account)
+                if response.status_code == 429:
+                    slot.mark_busy()
+                    continue
+                slot.mark_submitted(env.spec.job_id_from(response.json()))
+                return
+
+    async def through_submit(job: _Job) -> None:
+        assert submit is not None  # noqa: S101 - chosen below only when present
+
+        async def create(account: str) -> httpx.Response:
+            return await env.post(job, account)
+
+        while True:
+            try:
+                await submit(create)
+            except SubmissionFailed:
+                continue  # every attempt met 429: wait for a slot again
+            return
+
+    async def on_done(job: Any) -> None:
+        if not job.outside:  # useapi calls back only for the jobs we created
+            gate.invalidate()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            if scenario.callbacks:
+                env.fake.on_job_done = on_done
+                tg.start_soon(env.fake.run_callbacks)
+            await _workers(env, through_submit if submit is not None else through_slots)
+            tg.cancel_scope.cancel()
+    finally:
+        env.fake.on_job_done = None
+        await gate.aclose()
+
+
+async def _run_retry_429(env: _Env) -> None:
+    rng = env.rng("retry-429")
+    names = env.scenario.account_names
+
+    async def work(job: _Job) -> None:
+        # sleeping in a loop is the point: this is the baseline capgate replaces
+        while (await env.post(job, rng.choice(names))).status_code == 429:  # noqa: ASYNC110
+            await anyio.sleep(RETRY_SLEEP)
+
+    await _workers(env, work)
+
+
+async def _run_poll_first(env: _Env) -> None:
+    async def work(job: _Job) -> None:
+        while True:
+            listed = await env.available()
+            if listed and (await env.post(job, listed[0])).status_code != 429:
+                return
+            await anyio.sleep(POLL_FIRST_SLEEP)
+
+    await _workers(env, work)
+
+
+async def _run_static_limiter(env: _Env) -> None:
+    rng = env.rng("static-limiter")
+    names = env.scenario.account_names
+    limiter = anyio.CapacityLimiter(env.scenario.capacity)
+
+    async def hold(borrower: object, until: float) -> None:
+        await anyio.sleep(max(0.0, until - anyio.current_time()))
+        limiter.release_on_behalf_of(borrower)
+
+    async with anyio.create_task_group() as holders:
+
+        async def work(job: _Job) -> None:
+            borrower = object()
+            await limiter.acquire_on_behalf_of(borrower)
+            while (await env.post(job, rng.choice(names))).status_code == 429:  # noqa: ASYNC110
+                await anyio.sleep(RETRY_SLEEP)
+            # the script learns of the job's end (it polls the job) and frees the slot
+            holders.start_soon(hold, borrower, job.end)
+
+        await _workers(env, work)
+
+
+async def _run_oracle(env: _Env) -> None:
+    fake = env.fake
+    names = env.scenario.account_names
+    queue = list(reversed(env.jobs))  # pop() takes the earliest arrival
+    while queue:
+        now = anyio.current_time()
+        fake._advance(now)  # start the outside jobs due by now, as a request would
+        while queue and queue[-1].arrival <= now:
+            free = {n: fake.max_jobs[n] - fake.active(n, now) for n in names}
+            best = max(names, key=lambda n: free[n])
+            if free[best] <= 0:
+                break
+            response = await env.post(queue.pop(), best)
+            if response.status_code != 200:  # pragma: no cover - it sees the true state
+                raise RuntimeError(f"the oracle met HTTP {response.status_code}")
+        if not queue:
+            return
+        upcoming = [j.end for j in fake.running(now)]
+        if queue[-1].arrival > now:
+            upcoming.append(queue[-1].arrival)
+        await anyio.sleep(max(0.0, min(upcoming) - now))
+
+
+_RUNNERS = {
+    "capgate": _run_capgate,
+    "retry-429": _run_retry_429,
+    "poll-first": _run_poll_first,
+    "static-limiter": _run_static_limiter,
+    "oracle": _run_oracle,
+}
