@@ -658,6 +658,9 @@ class CapacityGate:
         loop. The current snapshot stops serving grants; if anyone waits, the next poll
         starts now, but never sooner than 0.5 s after the previous one (and never inside
         a backoff after a failed poll).
+
+        Call it from the gate's own event loop thread; from another thread (a sync web
+        framework) use ``anyio.from_thread.run_sync(gate.invalidate)``.
         """
         now = _now_or_none()
         if now is None or self._closed:
