@@ -9,7 +9,7 @@ Wait for a free slot, reserve it, hand out the account; never oversubscribe::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
 from ._errors import AccountQuarantined as AccountQuarantined
@@ -32,7 +32,7 @@ from ._strategy import Candidate as Candidate
 
 try:
     __version__ = _dist_version("capgate")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     from ._version import __version__
 
 __all__ = [

@@ -326,6 +326,10 @@ def parse_snapshot(
             continue
         if not isinstance(rows, list):
             raise PollError(f"{service.name}: {section!r} is not a list")
+    # every field is documented as optional, but an object with neither list is some other
+    # answer (an error page, a proxy's JSON): taking it as "all busy" would hide the fault
+    if "available" not in data and "executing" not in data:
+        raise PollError(f"{service.name}: answer has neither 'available' nor 'executing'")
     for index, row in enumerate(data.get("available") or ()):
         try:
             capacity = _account_row(row, service)

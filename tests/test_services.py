@@ -1,0 +1,104 @@
+"""The service table: URLs, field names, and accounts embedded in job ids."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from capgate import SERVICES, Service
+from capgate._services import get_service
+
+
+def test_six_services():
+    """Exactly the six documented services are known."""
+    assert set(SERVICES) == {"ltxstudio", "kling", "tempolor", "riffusion", "minimax", "pixverse"}
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("ltxstudio", "https://api.useapi.net/v1/ltxstudio/scheduler/available"),
+        ("kling", "https://api.useapi.net/v1/kling/scheduler/available"),
+        ("tempolor", "https://api.useapi.net/v1/tempolor/scheduler/available"),
+        ("riffusion", "https://api.useapi.net/v1/riffusion/scheduler/available"),
+        ("minimax", "https://api.useapi.net/v1/minimax/scheduler/available"),
+        ("pixverse", "https://api.useapi.net/v2/pixverse/scheduler/available"),
+    ],
+)
+def test_default_urls(name, url):
+    """Each service polls its documented URL (pixverse is under /v2/)."""
+    assert get_service(name).url == url
+
+
+@pytest.mark.parametrize(
+    ("name", "account_key", "job_key", "executing_account_key"),
+    [
+        ("ltxstudio", "email", "jobId", "email"),
+        ("kling", "email", "id", "email"),
+        ("tempolor", "user_id", "job_id", None),
+        ("riffusion", "user_id", "job_id", "user_id"),
+        ("minimax", "account", "videoId", None),
+        ("pixverse", "email", "id", None),
+    ],
+)
+def test_field_names(name, account_key, job_key, executing_account_key):
+    """Each service names its account and job id keys as documented."""
+    spec = get_service(name)
+    assert spec.account_key == account_key
+    assert spec.job_id_keys[0] == job_key
+    assert spec.executing_account_key == executing_account_key
+
+
+def test_unknown_service_lists_known_ones():
+    """An unknown service is a ValueError naming every known one."""
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown service 'runway'; known services: "
+        r"kling, ltxstudio, minimax, pixverse, riffusion, tempolor$",
+    ):
+        get_service("runway")
+
+
+def test_service_name_must_be_str():
+    """A non-string service is a TypeError."""
+    with pytest.raises(TypeError, match=r"^service must be a str, not int$"):
+        get_service(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "job_id", "account"),
+    [
+        ("tempolor", "user:4242-tempolor:u123-job:99", "u123"),
+        ("tempolor", "user:4242-tempolor:user-with-dashes-job:99", "user-with-dashes"),
+        ("minimax", "user:1-minimax:acct-video:12", "acct"),
+        ("minimax", "user:1-minimax:my-acct-video:12", "my-acct"),
+        ("pixverse", "user:1-pixverse:a-b@x.io-video:7", "a-b@x.io"),
+        ("pixverse", "user:1-pixverse:a@x.io", "a@x.io"),
+        ("pixverse", "user:1-pixverse:a-b@x.io", "a-b@x.io"),
+    ],
+)
+def test_account_embedded_in_job_id(name, job_id, account):
+    """The account is read from the job id up to the next ``-<word>:``, dashes allowed."""
+    assert get_service(name).account_from_job_id(job_id) == account
+
+
+@pytest.mark.parametrize(
+    ("name", "job_id"),
+    [
+        ("minimax", "no-marker-here"),
+        ("minimax", "user:1-minimax:"),
+        ("ltxstudio", "email:a@x.io:123-type:video"),
+    ],
+)
+def test_no_embedded_account(name, job_id):
+    """No marker (or nothing after it, or a service without one) gives ``None``."""
+    assert get_service(name).account_from_job_id(job_id) is None
+
+
+def test_service_is_public_and_frozen():
+    """Service is a frozen dataclass exported as capgate.Service."""
+    spec = get_service("kling")
+    assert isinstance(spec, Service)
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"^cannot assign to field 'name'$"):
+        spec.name = "other"  # type: ignore[misc]
