@@ -499,7 +499,15 @@ def serve(fake: FakeScheduler, *, host: str = "127.0.0.1", port: int = 0) -> Ite
 
     port = port or _free_port(host)
     config = uvicorn.Config(
-        fake.asgi, host=host, port=port, log_level="warning", lifespan="on", access_log=False
+        fake.asgi,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        # a bound method is not a coroutine *function* to uvicorn's sniffing, which would
+        # take it for ASGI2 and fail at startup
+        interface="asgi3",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="capgate-fake-server", daemon=True)
