@@ -24,6 +24,8 @@ from ._version import __version__
 __all__ = ["MAX_BODY_BYTES", "check_url", "fetch_snapshot", "parse_retry_after"]
 
 MAX_BODY_BYTES = 1024 * 1024
+#: past MAX_BODY_BYTES an answer is read and dropped up to this size, then cut off
+MAX_DRAIN_BYTES = 16 * MAX_BODY_BYTES
 MAX_REDIRECTS = 5
 USER_AGENT = f"capgate/{__version__}"
 
@@ -88,18 +90,20 @@ def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
-def _excerpt(text: str, limit: int = 200) -> str:
+def _excerpt(text: str, limit: int = 200, *, secret: str = "") -> str:
+    if secret:  # a server (or proxy) echoing the Authorization header must not leak it
+        text = text.replace(secret, "<token>")
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _error_text(data: Any) -> str | None:
+def _error_text(data: Any, secret: str = "") -> str | None:
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, str):
-            return _excerpt(error)
+            return _excerpt(error, secret=secret)
         if error is not None:
-            return _excerpt(json.dumps(error, default=str))
+            return _excerpt(json.dumps(error, default=str), secret=secret)
     return None
 
 
@@ -112,14 +116,22 @@ async def _read_limited(response: httpx.Response, service: str) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
+    # Leaving httpx's stream iterators early abandons a chain of async generators, which
+    # trio reports as a ResourceWarning. So past the limit we stop keeping the chunks but
+    # drain them (bounded by the poll's timeout), and only break off a truly huge answer.
     async for chunk in response.aiter_bytes():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PollError(
-                f"{service}: answer is over the {MAX_BODY_BYTES} byte limit",
-                status_code=response.status_code,
-            )
-        chunks.append(chunk)
+        if size <= MAX_BODY_BYTES:
+            chunks.append(chunk)
+        else:
+            chunks.clear()
+            if size > MAX_DRAIN_BYTES:
+                break
+    if size > MAX_BODY_BYTES:
+        raise PollError(
+            f"{service}: answer is over the {MAX_BODY_BYTES} byte limit",
+            status_code=response.status_code,
+        )
     return b"".join(chunks)
 
 
@@ -183,7 +195,9 @@ async def fetch_snapshot(
     except httpx.TimeoutException as exc:
         raise PollError(f"{name}: timed out ({type(exc).__name__})") from exc
     except httpx.HTTPError as exc:
-        raise PollError(f"{name}: {type(exc).__name__}: {_excerpt(str(exc))}") from exc
+        raise PollError(
+            f"{name}: {type(exc).__name__}: {_excerpt(str(exc), secret=token)}"
+        ) from exc
 
     status = response.status_code
     data: Any = None
@@ -193,7 +207,7 @@ async def fetch_snapshot(
     except (ValueError, UnicodeDecodeError) as exc:
         decode_error = f"not JSON ({type(exc).__name__})"
 
-    error = _error_text(data)
+    error = _error_text(data, token)
     if status in (401, 403):
         raise AuthenticationError(
             f"{name}: the API token was refused (HTTP {status}" + (f": {error})" if error else ")"),
@@ -201,7 +215,9 @@ async def fetch_snapshot(
         )
     if status != 200:
         retry_after = parse_retry_after(response.headers.get("retry-after"))
-        detail = error or (_excerpt(body.decode("utf-8", "replace")) if body else "empty body")
+        detail = error or (
+            _excerpt(body.decode("utf-8", "replace"), secret=token) if body else "empty body"
+        )
         raise PollError(
             f"{name}: HTTP {status}: {detail}", status_code=status, retry_after=retry_after
         )
