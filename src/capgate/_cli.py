@@ -1,0 +1,789 @@
+"""The ``capgate`` command line: ``demo``, ``status``, ``watch``, ``simulate``, ``serve-fake``.
+
+Installed with the ``cli`` extra (``pip install 'capgate[cli]'``): rich draws the tables and
+live displays, uvicorn serves the simulator, matplotlib draws plots, trio runs simulations
+in virtual time. They are imported inside the commands that use them, so the library
+itself never needs them.
+
+Exit codes: 0 success (and Ctrl-C in ``watch`` and ``serve-fake``, which run until it);
+1 the demo saw something wrong (a 429); 2 bad arguments, no token, a refused token, or no
+answer from the server; 130 Ctrl-C in ``demo`` or ``simulate``.
+
+An application may configure logging and this one does: library events go to stderr,
+warnings only by default (``-v`` for info, ``-vv`` for debug), so they never garble a live
+display. ``status`` and ``watch`` report failures themselves, so there the library is quiet
+unless ``-v`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ._errors import AuthenticationError, CapacityGateError, PollError
+from ._gate import CapacityGate
+from ._services import SERVICES
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from ._models import Snapshot
+    from .simulation import Scenario, SimulationResult
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_EXTRA_HINT = "the capgate command line needs its extra: pip install 'capgate[cli]'"
+
+
+class _Failure(Exception):
+    """A one-line error for stderr, and the exit code to leave with (internal)."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- argument types ----------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _max_jobs(text: str) -> tuple[int, ...]:
+    """``5,3,2``: maxJobs of each account."""
+    named = _accounts(text)
+    if any(not name.startswith("acct") or not name.endswith("@sim.test") for name in named):
+        raise argparse.ArgumentTypeError(
+            f"expected maxJobs per account like 5,3,2 (the accounts are named for you), "
+            f"got {text!r}"
+        )
+    return tuple(named.values())
+
+
+def _account_name(index: int) -> str:
+    return f"acct{index:03d}@sim.test"  # as capgate.simulation names them
+
+
+def _accounts(text: str) -> dict[str, int]:
+    """``5,3,2`` (named acct000@sim.test, …) or ``a@x.io=5,b@x.io=3``: maxJobs per account."""
+    items = [item.strip() for item in text.split(",")]
+    if any(not item for item in items):
+        raise argparse.ArgumentTypeError(f"expected maxJobs per account like 5,3,2, got {text!r}")
+    accounts: dict[str, int] = {}
+    for i, item in enumerate(items):
+        name, sep, number = item.rpartition("=")
+        name = name.strip() if sep else _account_name(i)
+        if sep and not name:
+            raise argparse.ArgumentTypeError(f"an account name is missing in {item!r}")
+        try:
+            max_jobs = int(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"maxJobs must be a whole number, got {number.strip()!r} in {text!r}"
+            ) from None
+        if max_jobs < 1:
+            raise argparse.ArgumentTypeError(f"maxJobs must be at least 1, got {max_jobs}")
+        if name in accounts:
+            raise argparse.ArgumentTypeError(f"account {name!r} is given twice")
+        accounts[name] = max_jobs
+    return accounts
+
+
+# --- logging -----------------------------------------------------------------------------
+
+
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is *now*: rich's live display swaps it
+    for a proxy that prints above the display, and a logger holding the original stream
+    would draw through it."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _configure_logging(level: int) -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=lambda *args: _StderrLogger(),
+        cache_logger_on_first_use=False,
+    )
+
+
+# --- shared output -----------------------------------------------------------------------
+
+
+def _console(*, stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+
+
+def _summary(
+    result: SimulationResult, title: str, *, peak: dict[str, int] | None = None
+) -> RenderableType:
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    s = result.scenario
+    low, high = s.duration
+    timeline = result.timeline
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="dim", no_wrap=True)
+    table.add_column()
+    table.add_row(
+        "scenario",
+        f"{len(s.accounts)} accounts (maxJobs {', '.join(map(str, s.accounts))}: "
+        f"{s.capacity} slots), {s.workers or s.jobs} workers, {s.jobs} jobs of "
+        f"{low:g}-{high:g} s, poll every {s.poll_interval:g} s, seed {s.seed}",
+    )
+    bounds = f"ideal {_duration(result.ideal_makespan)}"
+    if result.oracle_makespan is not None:
+        bounds += f", oracle {_duration(result.oracle_makespan)}"
+    table.add_row(
+        "makespan",
+        f"{_duration(result.makespan)}  vs {bounds}  "
+        f"(+{result.makespan / result.ideal_makespan - 1:.1%} over ideal)",
+    )
+    shares = []
+    for account, series in timeline.busy.items():
+        cap = timeline.capacity[account]
+        if series:
+            shares.append(f"{account.split('@')[0]} {sum(series) / (cap * len(series)):.0%}")
+    table.add_row(
+        "slot utilisation",
+        f"{result.utilisation:.1%}" + (f"  ({', '.join(shares)})" if shares else ""),
+    )
+    if peak is not None:
+        table.add_row(
+            "peak busy",
+            ", ".join(
+                f"{a.split('@')[0]} {peak.get(a, 0)}/{n}"
+                for a, n in zip(s.account_names, s.accounts, strict=True)
+            ),
+        )
+    spacing = result.makespan / result.polls if result.polls else 0.0
+    table.add_row(
+        "polls", f"{result.polls}  (one every {spacing:.2f} s; poll_interval {s.poll_interval:g})"
+    )
+    table.add_row(
+        "HTTP requests",
+        f"{result.requests}  = {result.requests_per_job:.2f} per job (polls + creates)",
+    )
+    table.add_row(
+        "429s",
+        Text(f"{result.rejected_429}", style="bold red" if result.rejected_429 else "bold green"),
+    )
+    table.add_row(
+        "wait for a slot",
+        f"mean {_duration(result.wait_mean)}, p99 {_duration(result.wait_p99)}, "
+        f"max {_duration(result.wait_max)}",
+    )
+    subtitle = "ideal = total work / slots, or the longest job if longer"
+    if result.oracle_makespan is not None:
+        subtitle += "; oracle = sees every free slot the instant it frees"
+    return Panel(
+        table,
+        title=title,
+        title_align="left",
+        subtitle=subtitle,
+        subtitle_align="left",
+        expand=False,
+    )
+
+
+def _scenario(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Scenario:
+    from .simulation import Scenario
+
+    if args.min_duration > args.max_duration:
+        parser.error(
+            f"--min-duration ({args.min_duration:g}) is larger than "
+            f"--max-duration ({args.max_duration:g})"
+        )
+    return Scenario(
+        name=args.command,
+        accounts=args.accounts,
+        jobs=args.jobs,
+        workers=args.workers,
+        duration=(args.min_duration, args.max_duration),
+        poll_interval=args.poll_interval,
+        seed=args.seed,
+        service=args.service,
+    )
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._demo import run_demo
+
+    scenario = _scenario(args, parser)
+    console = _console()
+    console.print(
+        "[bold]capgate demo[/]: the simulator runs as a real HTTP server on loopback and a "
+        "real CapacityGate polls it; no token and no network needed."
+    )
+    wall = time.perf_counter()
+    result, peak = anyio.run(
+        lambda: run_demo(
+            scenario, console, on_url=lambda url: console.print(f"simulator at [cyan]{url}[/]")
+        )
+    )
+    wall = time.perf_counter() - wall
+    console.print(_summary(result, f"capgate demo: done in {wall:.1f} s", peak=peak))
+    if result.rejected_429:
+        console.print(
+            f"[bold red]{result.rejected_429} create requests met a 429: "
+            "the gate let an account be oversubscribed[/]"
+        )
+        return EXIT_FAILED
+    console.print(
+        "Every job ran, no account went over its maxJobs, and no create request met a 429."
+    )
+    return EXIT_OK
+
+
+# --- simulate ----------------------------------------------------------------------------
+
+
+def _cmd_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._plot import plot_timeline
+    from .simulation import simulate
+
+    scenario = _scenario(args, parser)
+    if args.plot is not None:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            parser.error(f"--plot: folder {folder} does not exist")
+    wall = time.perf_counter()
+    result = simulate(scenario, "capgate", oracle=True)
+    wall = time.perf_counter() - wall
+    if args.json:
+        print(json.dumps({**result.to_dict(), "wall_seconds": round(wall, 3)}, indent=2))
+    else:
+        console = _console()
+        console.print(
+            _summary(
+                result,
+                f"capgate simulate: {_duration(result.makespan)} of virtual time in {wall:.2f} s",
+            )
+        )
+    if args.plot is not None:
+        plot_timeline(result, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+# --- status and watch --------------------------------------------------------------------
+
+
+def _token() -> str:
+    token = os.environ.get("USEAPI_TOKEN", "").strip()
+    if not token:
+        raise _Failure(
+            "no API token: set the USEAPI_TOKEN environment variable to your useapi.net token"
+        )
+    return token
+
+
+def _open_gate(args: argparse.Namespace) -> CapacityGate:
+    try:
+        return CapacityGate(_token(), service=args.service, url=args.url, poll_timeout=args.timeout)
+    except (CapacityGateError, ValueError, TypeError) as exc:
+        raise _Failure(str(exc)) from None
+
+
+def _poll_failure(gate: CapacityGate, exc: CapacityGateError) -> _Failure:
+    if isinstance(exc, AuthenticationError):
+        return _Failure(f"{exc}; check USEAPI_TOKEN")
+    if isinstance(exc, PollError) and exc.status_code is None:
+        return _Failure(f"cannot reach {gate.url}: {exc}")
+    return _Failure(f"poll of {gate.url} failed: {exc}")
+
+
+def _snapshot_rows(snapshot: Snapshot) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Accounts and executing jobs as plain rows; accounts the server left out of
+    ``available[]`` (full ones) but that run jobs are added with ``listed: False``."""
+    accounts = [
+        {
+            "account": row.account,
+            "maxJobs": row.max_jobs,
+            "executing": row.busy,
+            "available": row.free,
+            "listed": True,
+        }
+        for row in snapshot.accounts
+    ]
+    listed = {row.account for row in snapshot.accounts}
+    running: dict[str, int] = {}
+    for job in snapshot.executing:
+        if job.account is not None and job.account not in listed:
+            running[job.account] = running.get(job.account, 0) + 1
+    accounts.extend(
+        {"account": a, "maxJobs": None, "executing": n, "available": 0, "listed": False}
+        for a, n in sorted(running.items())
+    )
+    now = datetime.now(timezone.utc)
+    jobs = []
+    for job in snapshot.executing:
+        elapsed = job.elapsed
+        if elapsed is None and job.started is not None:
+            seconds = max(0, int((now - job.started).total_seconds()))
+            elapsed = f"{seconds // 60:02d}:{seconds % 60:02d}"
+        jobs.append(
+            {
+                "id": job.job_id,
+                "account": job.account,
+                "started": None if job.started is None else job.started.isoformat(),
+                "elapsed": elapsed,
+            }
+        )
+    return accounts, jobs
+
+
+def _status_view(
+    gate: CapacityGate, snapshot: Snapshot, *, footer: str = "", max_jobs_shown: int = 0
+) -> RenderableType:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    accounts, jobs = _snapshot_rows(snapshot)
+    table = Table(title=f"{gate.service} accounts", title_justify="left", expand=False)
+    table.add_column("account", no_wrap=True)
+    table.add_column("maxJobs", justify="right")
+    table.add_column("executing", justify="right")
+    table.add_column("available", justify="right")
+    for row in accounts:
+        table.add_row(
+            row["account"],
+            "?" if row["maxJobs"] is None else str(row["maxJobs"]),
+            "?" if row["executing"] is None else str(row["executing"]),
+            Text(str(row["available"]), style="green" if row["available"] else "red")
+            if row["listed"]
+            else Text("0 (full: not listed)", style="red"),
+        )
+    parts: list[RenderableType] = [table]
+    if not accounts:
+        parts.append(
+            Text(
+                "No account listed: every account is busy (the service lists only accounts "
+                "with a free slot), or none is configured.",
+                style="yellow",
+            )
+        )
+    jobs_table = Table(title=f"executing jobs ({len(jobs)})", title_justify="left", expand=False)
+    jobs_table.add_column("id", overflow="fold")
+    jobs_table.add_column("account", no_wrap=True)
+    jobs_table.add_column("elapsed", justify="right")
+    shown = jobs if not max_jobs_shown else jobs[:max_jobs_shown]
+    for job in shown:
+        jobs_table.add_row(job["id"], job["account"] or "?", job["elapsed"] or "?")
+    if len(shown) < len(jobs):
+        jobs_table.add_row(f"… and {len(jobs) - len(shown)} more", "", "")
+    if jobs:
+        parts.append(jobs_table)
+    else:
+        parts.append(Text("No jobs executing.", style="dim"))
+    if footer:
+        parts.append(Text(footer, style="dim"))
+    return Group(*parts)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    gate = _open_gate(args)
+    try:
+        try:
+            snapshot = await gate.refresh()
+        except CapacityGateError as exc:
+            raise _poll_failure(gate, exc) from None
+    finally:
+        await gate.aclose()
+    if args.json:
+        accounts, jobs = _snapshot_rows(snapshot)
+        out = {"service": gate.service, "url": gate.url, "accounts": accounts, "executing": jobs}
+        print(json.dumps(out, indent=2))
+    else:
+        _console().print(_status_view(gate, snapshot))
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return anyio.run(_status, args)
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from rich.live import Live
+    from rich.text import Text
+
+    gate = _open_gate(args)
+    console = _console()
+    try:
+        try:
+            snapshot = await gate.refresh()  # a first failure is a setup error: say so, exit 2
+        except CapacityGateError as exc:
+            raise _poll_failure(gate, exc) from None
+        error = ""
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                stamp = datetime.now().strftime("%H:%M:%S")
+                footer = (
+                    f"{gate.url} · every {args.interval:g} s · updated {stamp} · Ctrl-C to stop"
+                )
+                view = _status_view(
+                    gate,
+                    snapshot,
+                    footer=footer,
+                    max_jobs_shown=max(3, console.size.height - 18),
+                )
+                if error:
+                    from rich.console import Group
+
+                    view = Group(
+                        view,
+                        Text(f"last poll failed at {stamp}: {error}; retrying", style="yellow"),
+                    )
+                live.update(view, refresh=True)
+                await anyio.sleep(args.interval)
+                try:
+                    snapshot = await gate.refresh()
+                    error = ""
+                except AuthenticationError as exc:
+                    raise _poll_failure(gate, exc) from None
+                except PollError as exc:  # transient: keep the last table, say so, retry
+                    error = str(exc)
+    finally:
+        await gate.aclose()
+
+
+def _cmd_watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        return anyio.run(_watch, args)
+    except KeyboardInterrupt:
+        return EXIT_OK  # Ctrl-C is how a watch ends
+
+
+# --- serve-fake --------------------------------------------------------------------------
+
+
+def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .testing import FakeScheduler, serve
+
+    if args.min_duration > args.max_duration:
+        parser.error(
+            f"--min-duration ({args.min_duration:g}) is larger than "
+            f"--max-duration ({args.max_duration:g})"
+        )
+    if not args.token.strip() or any(ch.isspace() for ch in args.token):
+        parser.error("--token must be non-empty and contain no whitespace")
+    fake = FakeScheduler(
+        args.accounts,
+        service=args.service,
+        token=args.token,
+        job_duration=(args.min_duration, args.max_duration),
+        seed=args.seed,
+    )
+    try:
+        with serve(fake, port=args.port) as url:
+            import httpx
+
+            create = str(httpx.URL(url).copy_with(path=httpx.URL(fake.create_url).path))
+            key = fake.spec.account_key
+            first = next(iter(args.accounts))
+            accounts = ", ".join(f"{a} (maxJobs {n})" for a, n in args.accounts.items())
+            print(
+                f"capgate fake {args.service} scheduler listening on loopback; Ctrl-C to stop\n"
+                f"  scheduler  GET  {url}\n"
+                f"  create     POST {create}  "
+                f'{{"{key}": "{first}", "duration": 30}}  (429 when the account is full)\n'
+                f"  token      {fake.token}  (the fake's own; it accepts no other)\n"
+                f"  accounts   {accounts}\n"
+                f"  jobs run   {args.min_duration:g}-{args.max_duration:g} s unless the "
+                "create request gives a duration\n"
+                "\n"
+                "Try:\n"
+                f"  USEAPI_TOKEN={fake.token} capgate status --service {args.service} "
+                f"--url {url}\n"
+                f"  curl -s -H 'Authorization: Bearer {fake.token}' {url}\n"
+                f'  gate = CapacityGate("{fake.token}", service="{args.service}", url="{url}")',
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
+    except RuntimeError as exc:  # uvicorn could not bind (port in use)
+        raise _Failure(str(exc)) from None
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return EXIT_OK
+
+
+# --- the parser --------------------------------------------------------------------------
+
+
+def _add_scenario_options(
+    p: argparse.ArgumentParser, *, min_duration: float, max_duration: float, poll: float
+) -> None:
+    p.add_argument(
+        "--accounts",
+        type=_max_jobs,
+        default="5,3,2",
+        metavar="N,N,…",
+        help="maxJobs of each account (default: 5,3,2)",
+    )
+    p.add_argument("--jobs", type=_positive_int, default=120, help="jobs to run (default: 120)")
+    p.add_argument(
+        "--workers", type=_positive_int, default=40, help="concurrent workers (default: 40)"
+    )
+    p.add_argument(
+        "--min-duration",
+        type=_seconds,
+        default=min_duration,
+        metavar="S",
+        help=f"shortest job in seconds (default: {min_duration:g})",
+    )
+    p.add_argument(
+        "--max-duration",
+        type=_seconds,
+        default=max_duration,
+        metavar="S",
+        help=f"longest job in seconds (default: {max_duration:g})",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=poll,
+        metavar="S",
+        help=f"the gate's poll_interval in seconds (default: {poll:g})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the job durations (default: 0)")
+    _add_service(p)
+
+
+def _add_service(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--service",
+        choices=sorted(SERVICES),
+        default="ltxstudio",
+        help="which useapi.net service (default: ltxstudio)",
+    )
+
+
+def _add_poll_options(p: argparse.ArgumentParser) -> None:
+    _add_service(p)
+    p.add_argument(
+        "--url",
+        help="poll this URL instead of the service's (a proxy, or `capgate serve-fake`)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds one poll may take (default: 10)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``capgate`` argument parser."""
+    from ._demo import DEMO_SCENARIO
+
+    parser = argparse.ArgumentParser(
+        prog="capgate",
+        description="See capgate work, and see your useapi.net accounts at a glance.",
+        epilog="status and watch read your token from USEAPI_TOKEN. "
+        "Run `capgate COMMAND -h` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"capgate {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show the library's log: -v info, -vv debug (on stderr)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="watch the gate feed jobs to a simulator over loopback HTTP (about 20 s)",
+        description="Run a realistic scenario through a real CapacityGate against the "
+        "simulator served over loopback HTTP, with a live display and a summary. "
+        "Needs no token and no network.",
+    )
+    _add_scenario_options(
+        demo,
+        min_duration=DEMO_SCENARIO.duration[0],
+        max_duration=DEMO_SCENARIO.duration[1],
+        poll=DEMO_SCENARIO.poll_interval,
+    )
+    demo.set_defaults(func=_cmd_demo, quiet=False)
+
+    status = commands.add_parser(
+        "status",
+        help="one poll of scheduler/available: accounts and executing jobs",
+        description="Poll scheduler/available once with USEAPI_TOKEN and show each "
+        "account's maxJobs, executing and available, and the executing jobs.",
+    )
+    _add_poll_options(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(func=_cmd_status, quiet=True)
+
+    watch = commands.add_parser(
+        "watch",
+        help="the status tables, refreshed live until Ctrl-C",
+        description="Poll scheduler/available every --interval seconds with USEAPI_TOKEN "
+        "and keep the status tables on screen until Ctrl-C.",
+    )
+    _add_poll_options(watch)
+    watch.add_argument(
+        "--interval",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds between polls (default: 5, the spacing useapi's own tools use)",
+    )
+    watch.set_defaults(func=_cmd_watch, quiet=True)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="a scenario in virtual time (no sleeping): summary, and a plot",
+        description="Run a scenario through a real CapacityGate against the in-memory "
+        "simulator in virtual time (trio's MockClock): hours of jobs take a second.",
+    )
+    _add_scenario_options(simulate, min_duration=30.0, max_duration=120.0, poll=5.0)
+    simulate.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw busy slots per account and waiting workers over time into FILE.png",
+    )
+    simulate.add_argument(
+        "--json", action="store_true", help="print the figures as JSON instead of a table"
+    )
+    simulate.set_defaults(func=_cmd_simulate, quiet=False)
+
+    fake = commands.add_parser(
+        "serve-fake",
+        help="serve the simulator alone on loopback, to try your own code against",
+        description="Serve the simulator on 127.0.0.1 until Ctrl-C: scheduler/available, "
+        "and a create endpoint that answers 429 when an account is full.",
+    )
+    fake.add_argument(
+        "--port", type=_port, default=0, help="port on 127.0.0.1 (default: a free one)"
+    )
+    fake.add_argument(
+        "--accounts",
+        type=_accounts,
+        default="5,3,2",
+        metavar="N,N,…",
+        help="maxJobs per account, e.g. 5,3,2 or a@x.io=5,b@x.io=3 (default: 5,3,2)",
+    )
+    _add_service(fake)
+    fake.add_argument(
+        "--token", default="fake-token", help="the token it accepts (default: fake-token)"
+    )
+    fake.add_argument(
+        "--min-duration", type=_seconds, default=30.0, metavar="S", help="(default: 30)"
+    )
+    fake.add_argument(
+        "--max-duration", type=_seconds, default=120.0, metavar="S", help="(default: 120)"
+    )
+    fake.add_argument("--seed", type=int, default=0, help="seeds durations and ids (default: 0)")
+    fake.set_defaults(func=_cmd_serve_fake, quiet=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``capgate`` command line; returns the exit code.
+
+    Args:
+        argv: The arguments (``sys.argv[1:]`` when ``None``).
+    """
+    try:
+        import rich  # noqa: F401 - only to fail early with a hint
+    except ImportError:
+        print(f"capgate: {_EXTRA_HINT}", file=sys.stderr)
+        return EXIT_ERROR
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    was_configured = structlog.is_configured()
+    previous = structlog.get_config()
+    if args.verbose:
+        level = logging.INFO if args.verbose == 1 else logging.DEBUG
+    else:
+        level = logging.CRITICAL + 1 if args.quiet else logging.WARNING
+    _configure_logging(level)
+    func: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.func
+    try:
+        return func(args, parser)
+    except _Failure as exc:
+        print(f"capgate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.code
+    except ImportError as exc:
+        print(f"capgate: {_EXTRA_HINT} ({exc})", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("capgate: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        # main() may run inside another program (or a test): leave logging as it was
+        if was_configured:
+            structlog.configure(**previous)
+        else:
+            structlog.reset_defaults()
