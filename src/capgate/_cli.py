@@ -418,9 +418,17 @@ def _status_view(
             "?" if row["executing"] is None else str(row["executing"]),
             Text(str(row["available"]), style="green" if row["available"] else "red")
             if row["listed"]
-            else Text("0 (full: not listed)", style="red"),
+            else Text("0*", style="red"),
         )
     parts: list[RenderableType] = [table]
+    if any(not row["listed"] for row in accounts):
+        parts.append(
+            Text(
+                "* full: the service leaves accounts with no free slot out of available[]; "
+                "they are shown from their executing jobs",
+                style="dim",
+            )
+        )
     if not accounts:
         parts.append(
             Text(
@@ -767,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
     else:
-        level = logging.CRITICAL + 1 if args.quiet else logging.WARNING
+        level = logging.CRITICAL if args.quiet else logging.WARNING  # capgate logs no criticals
     _configure_logging(level)
     func: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.func
     try:

@@ -1,0 +1,217 @@
+"""The ``capgate`` command line: each command, its errors, and its exit codes.
+
+``status`` and ``watch`` run against :func:`capgate.testing.serve` on loopback; ``demo``
+runs a short scenario over real loopback HTTP; ``simulate`` runs in virtual time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import structlog
+
+from capgate._cli import main
+from capgate.testing import FakeScheduler, serve
+
+TOKEN = "s3cret-test-token-7f1d"  # must never show up in any output
+
+SHORT_DEMO = [
+    "demo",
+    "--jobs",
+    "12",
+    "--workers",
+    "6",
+    "--min-duration",
+    "0.2",
+    "--max-duration",
+    "0.4",
+    "--poll-interval",
+    "0.05",
+]
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[FakeScheduler, str]]:
+    """A fake on loopback with two accounts: a@x.io full (2 of 2), b@x.io 1 of 3 busy."""
+    fake = FakeScheduler({"a@x.io": 2, "b@x.io": 3}, token=TOKEN, job_duration=600)
+    with serve(fake) as url:
+        create = httpx.URL(url).copy_with(path=httpx.URL(fake.create_url).path)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        for account in ("a@x.io", "a@x.io", "b@x.io"):
+            httpx.post(create, json={"email": account}, headers=headers).raise_for_status()
+        yield fake, url
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback URL where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1/ltxstudio/scheduler/available"
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text
+
+
+# --- arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--accounts", "5,x"], "argument --accounts: maxJobs must be a whole number"),
+        (["demo", "--accounts", "5,0"], "argument --accounts: maxJobs must be at least 1"),
+        (["simulate", "--jobs", "0"], "argument --jobs: must be at least 1"),
+        (["simulate", "--workers", "many"], "argument --workers: expected a whole number"),
+        (["simulate", "--poll-interval", "-1"], "argument --poll-interval: must be a positive"),
+        (
+            ["simulate", "--min-duration", "9", "--max-duration", "3"],
+            "--min-duration (9) is larger than --max-duration (3)",
+        ),
+        (["simulate", "--accounts", "a@x.io=5"], "argument --accounts: expected maxJobs"),
+        (["status", "--service", "nope"], "argument --service: invalid choice: 'nope'"),
+        (["watch", "--interval", "0"], "argument --interval: must be a positive"),
+        (["serve-fake", "--port", "70000"], "argument --port: must be between 0 and 65535"),
+        (["serve-fake", "--accounts", "=3"], "argument --accounts: an account name is missing"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, message, capsys):
+    """Bad arguments give an argparse error on stderr and exit code 2."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert message in err
+
+
+def test_python_dash_m(tmp_path):
+    """``python -m capgate`` is the same command."""
+    done = subprocess.run(
+        [sys.executable, "-m", "capgate", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert done.stdout.startswith("capgate ")
+
+
+def test_main_restores_logging_config(capsys):
+    """main() configures structlog for itself and puts the previous configuration back."""
+    before = structlog.get_config()
+    with pytest.raises(SystemExit):
+        main(["simulate", "--jobs", "0"])
+    assert main(["simulate", "--jobs", "3", "--workers", "2", "--json"]) == 0
+    assert structlog.get_config() == before
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def test_demo_runs_over_loopback_without_a_token(monkeypatch, capsys):
+    """A short demo serves the simulator, gets every job through with no 429, exits 0."""
+    monkeypatch.delenv("USEAPI_TOKEN", raising=False)
+    assert main(SHORT_DEMO) == 0
+    out = capsys.readouterr().out
+    assert "simulator at http://127.0.0.1:" in out
+    assert "12/12" in out  # jobs done
+    assert "makespan" in out
+    assert "vs ideal" in out
+    assert "429s              0" in out
+    assert "per job" in out
+    assert "Every job ran" in out
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def test_status_table(served, monkeypatch, capsys):
+    """status shows every account, the full one from its jobs, and the executing jobs."""
+    _, url = served
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--url", url]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "b@x.io" in out
+    assert "a@x.io" in out
+    assert "0*" in out  # a@x.io is full, so the service left it out of available[]
+    assert "executing jobs (3)" in out
+    _no_secret(captured.out, captured.err)
+
+
+def test_status_json(served, monkeypatch, capsys):
+    """status --json prints the accounts and jobs as JSON."""
+    _, url = served
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--url", url, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    accounts = {row["account"]: row for row in data["accounts"]}
+    assert accounts["b@x.io"] == {
+        "account": "b@x.io",
+        "maxJobs": 3,
+        "executing": 1,
+        "available": 2,
+        "listed": True,
+    }
+    assert accounts["a@x.io"]["listed"] is False
+    assert accounts["a@x.io"]["executing"] == 2
+    assert len(data["executing"]) == 3
+    assert {job["account"] for job in data["executing"]} == {"a@x.io", "b@x.io"}
+
+
+def test_status_without_token(monkeypatch, capsys, served):
+    """No USEAPI_TOKEN: one line on stderr, exit 2, and no request made."""
+    fake, url = served
+    monkeypatch.delenv("USEAPI_TOKEN", raising=False)
+    polls = fake.polls
+    assert main(["status", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "capgate: error: no API token: set the USEAPI_TOKEN environment variable "
+        "to your useapi.net token\n"
+    )
+    assert fake.polls == polls
+
+
+def test_status_refused_token(served, monkeypatch, capsys):
+    """A refused token (401): one line on stderr, exit 2, the token not shown."""
+    fake, url = served
+    wrong = "wrong-token-0b9e"
+    monkeypatch.setenv("USEAPI_TOKEN", wrong)
+    assert main(["status", "--url", url]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("capgate: error: ltxstudio: the API token was refused (HTTP 401")
+    assert captured.err.count("\n") == 1
+    assert wrong not in captured.err
+    assert fake.unauthorized == 1
+
+
+def test_status_dead_server(dead_url, monkeypatch, capsys):
+    """Nothing listening: one line on stderr naming the URL, exit 2."""
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--url", dead_url, "--timeout", "5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"capgate: error: cannot reach {dead_url}: ")
+    assert captured.err.count("\n") == 1
+    _no_secret(captured.out, captured.err)
+
+
+def test_status_refuses_plain_http_off_loopback(monkeypatch, capsys):
+    """An http:// URL off loopback is refused before the token travels; exit 2."""
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--url", "http://example.com/v1/kling/scheduler/available"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capgate: error: url uses plain http:// to example.com")
