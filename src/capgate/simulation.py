@@ -88,6 +88,8 @@ class Scenario:
         outside_window: Seconds over which outside jobs arrive; ``None``: the time the jobs
             would take at full use of every slot (total work / total ``maxJobs``).
         lag: The service's counts describe the state this many seconds ago.
+        latency: Seconds every request takes; with outside load a slot can then be taken
+            between a poll and the create that follows it.
         callbacks: Completion callbacks call ``gate.invalidate()`` (capgate only).
         service: The useapi.net service whose field names the fake speaks.
     """
@@ -105,6 +107,7 @@ class Scenario:
     outside_jobs: int = 0
     outside_window: float | None = None
     lag: float = 0.0
+    latency: float = 0.0
     callbacks: bool = False
     service: str = "ltxstudio"
 
@@ -132,8 +135,8 @@ class Scenario:
             raise ValueError(f"poll_interval must be > 0, got {self.poll_interval}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1 or None, got {self.workers}")
-        if self.arrival_window < 0 or self.outside_jobs < 0 or self.lag < 0:
-            raise ValueError("arrival_window, outside_jobs and lag must be >= 0")
+        if min(self.arrival_window, self.outside_jobs, self.lag, self.latency) < 0:
+            raise ValueError("arrival_window, outside_jobs, lag and latency must be >= 0")
 
     # --- what it draws (the same for every dispatcher) ----------------------------------
 
@@ -384,6 +387,7 @@ async def run_scenario(
             dict(zip(names, scenario.accounts, strict=True)),
             service=scenario.service,
             lag=scenario.lag,
+            latency=scenario.latency,
             seed=scenario.seed,
             job_duration=scenario.duration,
         )
@@ -447,8 +451,18 @@ class _Env:
         self.requests0 = fake.requests
         self.polls0 = fake.polls
         self.rejected0 = fake.rejected_429
+        self._tiebreak = self.rng("tiebreak")
         for at, account, duration in scenario.outside_load():
             fake.add_outside_job(account, duration, at=self.t0 + at)
+
+    async def pause(self, seconds: float) -> None:
+        """A baseline's fixed sleep, nudged by under a microsecond.
+
+        trio orders timers that expire at the same instant by their objects' addresses, so
+        hundreds of tasks sleeping exactly 10 s would wake in an order that differs from run
+        to run; a seeded nudge makes the order, and so every figure, repeat.
+        """
+        await anyio.sleep(seconds + self._tiebreak.uniform(0, 1e-6))
 
     def rng(self, purpose: str) -> random.Random:
         return random.Random(f"{self.scenario.seed}:{purpose}")
@@ -637,8 +651,8 @@ async def _run_retry_429(env: _Env) -> None:
 
     async def work(job: _Job) -> None:
         # sleeping in a loop is the point: this is the baseline capgate replaces
-        while (await env.post(job, rng.choice(names))).status_code == 429:  # noqa: ASYNC110
-            await anyio.sleep(RETRY_SLEEP)
+        while (await env.post(job, rng.choice(names))).status_code == 429:
+            await env.pause(RETRY_SLEEP)
 
     await _workers(env, work)
 
@@ -649,7 +663,7 @@ async def _run_poll_first(env: _Env) -> None:
             listed = await env.available()
             if listed and (await env.post(job, listed[0])).status_code != 429:
                 return
-            await anyio.sleep(POLL_FIRST_SLEEP)
+            await env.pause(POLL_FIRST_SLEEP)
 
     await _workers(env, work)
 
@@ -668,8 +682,8 @@ async def _run_static_limiter(env: _Env) -> None:
         async def work(job: _Job) -> None:
             borrower = object()
             await limiter.acquire_on_behalf_of(borrower)
-            while (await env.post(job, rng.choice(names))).status_code == 429:  # noqa: ASYNC110
-                await anyio.sleep(RETRY_SLEEP)
+            while (await env.post(job, rng.choice(names))).status_code == 429:
+                await env.pause(RETRY_SLEEP)
             # the script learns of the job's end (it polls the job) and frees the slot
             holders.start_soon(hold, borrower, job.end)
 
@@ -680,23 +694,39 @@ async def _run_oracle(env: _Env) -> None:
     fake = env.fake
     names = env.scenario.account_names
     queue = list(reversed(env.jobs))  # pop() takes the earliest arrival
-    while queue:
-        now = anyio.current_time()
-        fake._advance(now)  # start the outside jobs due by now, as a request would
-        while queue and queue[-1].arrival <= now:
-            free = {n: fake.max_jobs[n] - fake.active(n, now) for n in names}
-            best = max(names, key=lambda n: free[n])
-            if free[best] <= 0:
-                break
-            response = await env.post(queue.pop(), best)
-            if response.status_code != 200:  # pragma: no cover - it sees the true state
-                raise RuntimeError(f"the oracle met HTTP {response.status_code}")
-        if not queue:
-            return
-        upcoming = [j.end for j in fake.running(now)]
-        if queue[-1].arrival > now:
-            upcoming.append(queue[-1].arrival)
-        await anyio.sleep(max(0.0, min(upcoming) - now))
+    inflight = dict.fromkeys(names, 0)  # creates sent and not answered, per account
+    changed = anyio.Event()
+
+    async def create(job: _Job, account: str) -> None:
+        nonlocal changed
+        try:
+            if (await env.post(job, account)).status_code == 429:
+                # outside load took the slot while the request travelled: next free one
+                queue.append(job)
+                queue.sort(key=lambda j: (-j.arrival, -j.index))
+        finally:
+            inflight[account] -= 1
+            changed.set()
+            changed = anyio.Event()
+
+    async with anyio.create_task_group() as tg:
+        while queue or any(inflight.values()):
+            now = anyio.current_time()
+            fake._advance(now)  # start the outside jobs due by now, as a request would
+            free = {n: fake.max_jobs[n] - fake.active(n, now) - inflight[n] for n in names}
+            while queue and queue[-1].arrival <= now:
+                best = max(names, key=lambda n: free[n])
+                if free[best] <= 0:
+                    break
+                free[best] -= 1
+                inflight[best] += 1
+                tg.start_soon(create, queue.pop(), best)
+            upcoming = [j.end for j in fake.running(now)]
+            if queue and queue[-1].arrival > now:
+                upcoming.append(queue[-1].arrival)
+            wake = changed
+            with anyio.move_on_after(max(0.0, min(upcoming, default=now + 1.0) - now)):
+                await wake.wait()
 
 
 _RUNNERS = {
