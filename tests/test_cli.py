@@ -7,17 +7,20 @@ runs a short scenario over real loopback HTTP; ``simulate`` runs in virtual time
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 import structlog
 
 from capgate._cli import main
-from capgate.testing import FakeScheduler, serve
+from capgate.testing import FakeScheduler, Fault, serve
 
 TOKEN = "s3cret-test-token-7f1d"  # must never show up in any output
 
@@ -60,6 +63,36 @@ def dead_url() -> str:
 def _no_secret(*texts: str) -> None:
     for text in texts:
         assert TOKEN not in text
+
+
+def _capgate(*args: str, token: str | None = TOKEN) -> subprocess.Popen[str]:
+    """``python -m capgate ARGS`` in a child process, as a user would run it."""
+    env = {k: v for k, v in os.environ.items() if k != "USEAPI_TOKEN"}
+    if token is not None:
+        env["USEAPI_TOKEN"] = token
+    env["COLUMNS"] = "120"
+    return subprocess.Popen(  # noqa: S603 - our own interpreter, our own arguments
+        [sys.executable, "-m", "capgate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def _interrupt(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """Ctrl-C, as a terminal would send it; returns the exit code, stdout and stderr."""
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=20)
+    return process.returncode, out, err
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -215,3 +248,52 @@ def test_status_refuses_plain_http_off_loopback(monkeypatch, capsys):
     assert main(["status", "--url", "http://example.com/v1/kling/scheduler/available"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("capgate: error: url uses plain http:// to example.com")
+
+
+# --- watch -------------------------------------------------------------------------------
+
+
+def test_watch_refreshes_until_ctrl_c(served):
+    """watch polls every interval, keeps the last tables when a poll fails, and exits 0
+    quietly on Ctrl-C."""
+    fake, url = served
+    process = _capgate("watch", "--url", url, "--interval", "0.2")
+    try:
+        _wait_for(lambda: fake.polls >= 3)
+        fake.inject(Fault(status=503, body={"error": "maintenance"}, count=1000))
+        polls = fake.polls
+        _wait_for(lambda: fake.polls >= polls + 2)
+    finally:
+        code, out, err = _interrupt(process)
+    assert code == 0
+    assert "b@x.io" in out
+    assert "Ctrl-C to stop" in out
+    assert "poll failed at" in out
+    assert "HTTP 503: maintenance; retrying" in out
+    assert "Traceback" not in err
+    _no_secret(out, err)
+
+
+def test_watch_refused_token(served, monkeypatch, capsys):
+    """watch with a refused token says so in one line and exits 2."""
+    _, url = served
+    monkeypatch.setenv("USEAPI_TOKEN", "nope-nope")
+    assert main(["watch", "--url", url, "--interval", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capgate: error: ltxstudio: the API token was refused (HTTP 401")
+
+
+def test_watch_dead_server(dead_url, monkeypatch, capsys):
+    """watch with nothing listening says so in one line and exits 2."""
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["watch", "--url", dead_url, "--interval", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capgate: error: cannot reach {dead_url}: ")
+    assert err.count("\n") == 1
+
+
+def test_watch_without_token(monkeypatch, capsys):
+    """watch with no USEAPI_TOKEN says so in one line and exits 2."""
+    monkeypatch.delenv("USEAPI_TOKEN", raising=False)
+    assert main(["watch"]) == 2
+    assert capsys.readouterr().err.startswith("capgate: error: no API token")

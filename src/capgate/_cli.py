@@ -424,8 +424,8 @@ def _status_view(
     if any(not row["listed"] for row in accounts):
         parts.append(
             Text(
-                "* full: the service leaves accounts with no free slot out of available[]; "
-                "they are shown from their executing jobs",
+                "* full: the service leaves full accounts out of available[]; "
+                "shown here from their executing jobs",
                 style="dim",
             )
         )
@@ -478,8 +478,12 @@ def _cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 async def _watch(args: argparse.Namespace) -> int:
+    from rich.console import Group
     from rich.live import Live
     from rich.text import Text
+
+    def clock() -> str:
+        return datetime.now().strftime("%H:%M:%S")
 
     gate = _open_gate(args)
     console = _console()
@@ -488,35 +492,27 @@ async def _watch(args: argparse.Namespace) -> int:
             snapshot = await gate.refresh()  # a first failure is a setup error: say so, exit 2
         except CapacityGateError as exc:
             raise _poll_failure(gate, exc) from None
-        error = ""
-        with Live(console=console, auto_refresh=False, transient=False) as live:
+        answered, error = clock(), ""
+        with Live(console=console, auto_refresh=False) as live:
             while True:
-                stamp = datetime.now().strftime("%H:%M:%S")
                 footer = (
-                    f"{gate.url} · every {args.interval:g} s · updated {stamp} · Ctrl-C to stop"
+                    f"{gate.url} · every {args.interval:g} s · last answer {answered} · "
+                    "Ctrl-C to stop"
                 )
                 view = _status_view(
-                    gate,
-                    snapshot,
-                    footer=footer,
-                    max_jobs_shown=max(3, console.size.height - 18),
+                    gate, snapshot, footer=footer, max_jobs_shown=max(3, console.height - 18)
                 )
-                if error:
-                    from rich.console import Group
-
-                    view = Group(
-                        view,
-                        Text(f"last poll failed at {stamp}: {error}; retrying", style="yellow"),
-                    )
+                if error:  # keep the last good tables on screen, and say they are old
+                    view = Group(view, Text(error, style="yellow"))
                 live.update(view, refresh=True)
                 await anyio.sleep(args.interval)
                 try:
                     snapshot = await gate.refresh()
-                    error = ""
-                except AuthenticationError as exc:
+                    answered, error = clock(), ""
+                except AuthenticationError as exc:  # retrying a refused token is pointless
                     raise _poll_failure(gate, exc) from None
-                except PollError as exc:  # transient: keep the last table, say so, retry
-                    error = str(exc)
+                except PollError as exc:  # transient: say so and try again next interval
+                    error = f"poll failed at {clock()}: {exc}; retrying"
     finally:
         await gate.aclose()
 
@@ -556,20 +552,26 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             key = fake.spec.account_key
             first = next(iter(args.accounts))
             accounts = ", ".join(f"{a} (maxJobs {n})" for a, n in args.accounts.items())
+            service = "" if args.service == "ltxstudio" else f" --service {args.service}"
+            example = json.dumps({key: first, "duration": 30})
             print(
-                f"capgate fake {args.service} scheduler listening on loopback; Ctrl-C to stop\n"
-                f"  scheduler  GET  {url}\n"
-                f"  create     POST {create}  "
-                f'{{"{key}": "{first}", "duration": 30}}  (429 when the account is full)\n'
-                f"  token      {fake.token}  (the fake's own; it accepts no other)\n"
-                f"  accounts   {accounts}\n"
-                f"  jobs run   {args.min_duration:g}-{args.max_duration:g} s unless the "
-                "create request gives a duration\n"
+                f"capgate serve-fake: a simulated {args.service} service on loopback "
+                "(Ctrl-C to stop)\n"
                 "\n"
-                "Try:\n"
-                f"  USEAPI_TOKEN={fake.token} capgate status --service {args.service} "
-                f"--url {url}\n"
-                f"  curl -s -H 'Authorization: Bearer {fake.token}' {url}\n"
+                f"  scheduler  GET  {url}\n"
+                f"  create     POST {create}\n"
+                f"             body {example}; answers 429 when the account is full\n"
+                f"  token      {fake.token} (the fake's own; it accepts no other)\n"
+                f"  accounts   {accounts}\n"
+                f"  jobs run   {args.min_duration:g}-{args.max_duration:g} s unless the body "
+                'gives "duration"\n'
+                "\n"
+                "Try it:\n"
+                f"  USEAPI_TOKEN={fake.token} capgate status{service} --url {url}\n"
+                f"  USEAPI_TOKEN={fake.token} capgate watch{service} --url {url}\n"
+                f"  curl -H 'Authorization: Bearer {fake.token}' -d '{example}' {create}\n"
+                "\n"
+                "In Python:\n"
                 f'  gate = CapacityGate("{fake.token}", service="{args.service}", url="{url}")',
                 flush=True,
             )
