@@ -1,14 +1,21 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import structlog
 import trio.testing
+from structlog.typing import EventDict
 
 from capgate import CapacityGate
 from capgate.testing import FakeScheduler
+
+#: the poll interval of behavioural tests: short, so that asyncio (real time) stays fast
+P = 0.05
+
+_FAKE_OPTIONS = ("job_duration", "list_full_accounts", "lag", "latency", "seed")
 
 
 @pytest.fixture(
@@ -34,28 +41,36 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "trio_only: runs only on trio's virtual clock")
 
 
-GateFactory = Callable[..., CapacityGate]
+GateFactory = Callable[..., tuple[CapacityGate, FakeScheduler]]
 
 
 @pytest.fixture
-async def make_gate() -> AsyncIterator[Callable[..., tuple[CapacityGate, FakeScheduler]]]:
-    """Build gates wired to fakes through httpx.MockTransport; closes them afterwards."""
+async def make_gate() -> AsyncIterator[GateFactory]:
+    """Build gates wired to fakes through httpx.MockTransport; closes them afterwards.
+
+    ``make_gate(accounts_or_fake, job_duration=…, latency=…, …, **gate_options)``: the
+    FakeScheduler options are taken out, the rest go to CapacityGate (``poll_interval``
+    defaults to :data:`P`).
+    """
     made: list[tuple[CapacityGate, httpx.AsyncClient]] = []
 
     def factory(
-        accounts: dict[str, int] | FakeScheduler | None = None, **kwargs: Any
+        accounts: dict[str, int] | FakeScheduler | None = None, /, **kwargs: Any
     ) -> tuple[CapacityGate, FakeScheduler]:
+        fake_options = {k: kwargs.pop(k) for k in _FAKE_OPTIONS if k in kwargs}
         if isinstance(accounts, FakeScheduler):
             fake = accounts
         else:
             fake = FakeScheduler(
                 accounts or {"a@x.io": 2},
                 service=kwargs.get("service", "ltxstudio"),
-                job_duration=kwargs.pop("job_duration", 60.0),
+                **fake_options,
             )
-        client = httpx.AsyncClient(transport=fake.transport())
+        client = httpx.AsyncClient(transport=kwargs.pop("transport", None) or fake.transport())
         kwargs.setdefault("service", fake.spec.name)
-        gate = CapacityGate(fake.token, client=client, **kwargs)
+        kwargs.setdefault("poll_interval", P)
+        token = kwargs.pop("token", fake.token)
+        gate = CapacityGate(token, client=client, **kwargs)
         made.append((gate, client))
         return gate, fake
 
@@ -63,3 +78,10 @@ async def make_gate() -> AsyncIterator[Callable[..., tuple[CapacityGate, FakeSch
     for gate, client in made:
         await gate.aclose()
         await client.aclose()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[EventDict]]:
+    """Every structlog event capgate logs during the test."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured

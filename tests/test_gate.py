@@ -1,0 +1,370 @@
+"""The gate's rules, each pinned by tests, on asyncio (real time) and trio (virtual time)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from conftest import P
+
+from capgate import (
+    AuthenticationError,
+    CapacityGate,
+    CapacityGateError,
+    GateStatistics,
+    PollError,
+    SlotTimeout,
+)
+from capgate.testing import FakeScheduler, Fault
+
+pytestmark = pytest.mark.anyio
+
+A, B, C = "a@x.io", "b@x.io", "c@x.io"
+
+
+class Holder:
+    """A task that waits for a slot and holds it until told to leave."""
+
+    def __init__(self, gate: CapacityGate, name: str = "", **slot_options: Any) -> None:
+        self.gate = gate
+        self.name = name
+        self.options = slot_options
+        self.release = anyio.Event()
+        self.granted = anyio.Event()
+        self.account: str | None = None
+        self.error: BaseException | None = None
+        self.slot: Any = None
+
+    async def run(self, order: list[str] | None = None, job_id: str | None = None) -> None:
+        try:
+            async with self.gate.slot(**self.options) as slot:
+                self.slot = slot
+                self.account = slot.account
+                if order is not None:
+                    order.append(self.name)
+                self.granted.set()
+                await self.release.wait()
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            self.error = exc
+
+
+async def start_in_order(tg: anyio.abc.TaskGroup, holders: list[Holder], **run: Any) -> None:
+    """Start holders one after another, each queued before the next arrives."""
+    for holder in holders:
+        tg.start_soon(lambda h=holder: h.run(**run))
+        await anyio.wait_all_tasks_blocked()
+
+
+# --- virtual time --------------------------------------------------------------------------
+
+
+@pytest.mark.trio_only
+async def test_virtual_time_canary():
+    """On trio the autojump clock makes an hour pass at once (the suite relies on it)."""
+    before, wall = anyio.current_time(), time.perf_counter()
+    await anyio.sleep(3600)
+    assert anyio.current_time() - before >= 3600
+    assert time.perf_counter() - wall < 1
+
+
+# --- construction ----------------------------------------------------------------------------
+
+
+async def test_token_from_environment(monkeypatch):
+    """With no token argument, USEAPI_TOKEN is used."""
+    monkeypatch.setenv("USEAPI_TOKEN", "env-token")
+    fake = FakeScheduler({A: 1}, token="env-token")
+    async with httpx.AsyncClient(transport=fake.transport()) as client:
+        gate = CapacityGate(client=client, poll_interval=P)
+        async with gate.slot() as slot:
+            assert slot.account == A
+        await gate.aclose()
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_token_is_a_clear_error(monkeypatch, value):
+    """No token argument and no USEAPI_TOKEN is a CapacityGateError at construction."""
+    monkeypatch.delenv("USEAPI_TOKEN", raising=False)
+    if value is not None:
+        monkeypatch.setenv("USEAPI_TOKEN", value)
+    with pytest.raises(
+        CapacityGateError,
+        match=r"^no API token: pass token= or set the USEAPI_TOKEN environment variable$",
+    ):
+        CapacityGate()
+
+
+def test_token_with_whitespace_inside_is_refused():
+    """A token with whitespace inside is refused (it could not be a header value)."""
+    with pytest.raises(ValueError, match=r"^the API token contains whitespace"):
+        CapacityGate("abc def")
+
+
+def test_unknown_service_lists_known_ones():
+    """An unknown service is a ValueError listing the known ones."""
+    with pytest.raises(ValueError, match=r"^unknown service 'runway'; known services: kling, "):
+        CapacityGate("t", service="runway")
+
+
+def test_plain_http_refused_off_loopback():
+    """A plain http:// URL is refused unless its host is loopback."""
+    with pytest.raises(ValueError, match=r"^url uses plain http:// to proxy\.example; "):
+        CapacityGate("t", url="http://proxy.example/v1/kling/scheduler/available")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"poll_interval": 0}, ValueError, r"^poll_interval must be a finite number > 0, got 0$"),
+        ({"poll_interval": "5"}, TypeError, r"^poll_interval must be a number, not str$"),
+        ({"strategy": "random"}, ValueError, r"^unknown strategy 'random'; use one of "),
+        ({"max_jobs": 0}, ValueError, r"^max_jobs must be >= 1, got 0$"),
+        ({"max_jobs": {"a": -1}}, ValueError, r"^max_jobs\['a'\] must be >= 0, got -1$"),
+        ({"max_jobs": 2.5}, TypeError, r"^max_jobs must be an int or a mapping"),
+        ({"accounts": "a@x.io"}, TypeError, r"^accounts must be a collection of account names"),
+        ({"accounts": []}, ValueError, r"^accounts must not be empty$"),
+        ({"client": object()}, TypeError, r"^client must be an httpx\.AsyncClient, not object$"),
+        ({"jitter": 2}, ValueError, r"^jitter must be between 0 and 1, got 2$"),
+    ],
+)
+def test_bad_options_are_refused(options, error, message):
+    """Configuration is validated in __init__ with exact messages."""
+    with pytest.raises(error, match=message):
+        CapacityGate("t", **options)
+
+
+async def test_url_replaces_only_the_url(make_gate):
+    """url= changes where the gate polls, not the service's field names."""
+    fake = FakeScheduler({"u1": 1}, service="tempolor")
+    gate, _ = make_gate(fake, url="http://127.0.0.1:9/v1/tempolor/scheduler/available")
+    assert gate.url == "http://127.0.0.1:9/v1/tempolor/scheduler/available"
+    async with gate.slot() as slot:
+        assert slot.account == "u1"
+
+
+async def test_default_url_follows_service(make_gate):
+    """The default URL is the service's (pixverse under /v2/)."""
+    gate, _ = make_gate(FakeScheduler({A: 1}, service="pixverse"))
+    assert gate.url == "https://api.useapi.net/v2/pixverse/scheduler/available"
+
+
+async def test_slot_options_are_validated(make_gate):
+    """slot() checks its arguments before waiting."""
+    gate, _ = make_gate({A: 1}, accounts=[A])
+    with pytest.raises(ValueError, match=r"^account 'b@x\.io' is not among the gate's accounts$"):
+        gate.slot(B)
+    with pytest.raises(TypeError, match=r"^priority must be an int, not bool$"):
+        gate.slot(priority=True)
+    with pytest.raises(ValueError, match=r"^timeout must be a finite number >= 0, got -1$"):
+        gate.slot(timeout=-1)
+
+
+# --- rule 1: accounting ------------------------------------------------------------------------
+
+
+async def test_grants_never_exceed_server_free(make_gate):
+    """Concurrent callers get no more slots than the account has free."""
+    gate, _ = make_gate({A: 2})
+    holders = [Holder(gate) for _ in range(5)]
+    async with anyio.create_task_group() as tg:
+        for h in holders:
+            tg.start_soon(h.run)
+        await anyio.sleep(10 * P)
+        assert sum(h.granted.is_set() for h in holders) == 2
+        assert gate.statistics().waiting == 3
+        tg.cancel_scope.cancel()
+
+
+async def test_outside_load_counts(make_gate):
+    """Jobs started outside the gate take room: only what the server reports free is granted."""
+    gate, fake = make_gate({A: 3})
+    fake.add_outside_job(A, duration=3600)
+    fake.add_outside_job(A, duration=3600)
+    holders = [Holder(gate) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        for h in holders:
+            tg.start_soon(h.run)
+        await anyio.sleep(5 * P)
+        assert sum(h.granted.is_set() for h in holders) == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_missing_account_is_full_not_an_error(make_gate):
+    """An account left out of available[] (full) gives no slot and no error."""
+    gate, fake = make_gate({A: 1, B: 1})
+    fake.add_outside_job(A, duration=3600)
+    only_a = Holder(gate, account=A)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(only_a.run)
+        await anyio.sleep(5 * P)
+        assert gate.snapshot is not None
+        assert gate.snapshot.account(A) is None
+        assert not only_a.granted.is_set()
+        assert only_a.error is None
+        async with gate.slot() as slot:
+            assert slot.account == B
+        tg.cancel_scope.cancel()
+
+
+async def test_clamped_available_is_trusted_less(make_gate):
+    """An ``available`` above maxJobs - executing is clamped: no extra grants."""
+    gate, fake = make_gate({A: 5})
+    lying = {"available": [{"email": A, "maxJobs": 2, "executing": 1, "available": 9}]}
+    fake.inject(Fault(count=100, body=lying))
+    holders = [Holder(gate) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        for h in holders:
+            tg.start_soon(h.run)
+        await anyio.sleep(5 * P)
+        assert sum(h.granted.is_set() for h in holders) == 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("max_jobs", [2, {A: 2}], ids=["int", "mapping"])
+async def test_local_cap(make_gate, max_jobs):
+    """max_jobs caps an account at min(server maxJobs, cap)."""
+    gate, _ = make_gate({A: 5}, max_jobs=max_jobs)
+    holders = [Holder(gate) for _ in range(4)]
+    async with anyio.create_task_group() as tg:
+        for h in holders:
+            tg.start_soon(h.run)
+        await anyio.sleep(5 * P)
+        assert sum(h.granted.is_set() for h in holders) == 2
+        assert gate.statistics().capacity == 2
+        tg.cancel_scope.cancel()
+
+
+async def test_local_cap_mapping_leaves_others_alone(make_gate):
+    """A mapping caps only the accounts it names."""
+    gate, _ = make_gate({A: 3, B: 3}, max_jobs={A: 1})
+    holders = [Holder(gate) for _ in range(6)]
+    async with anyio.create_task_group() as tg:
+        for h in holders:
+            tg.start_soon(h.run)
+        await anyio.sleep(5 * P)
+        granted = sorted(h.account for h in holders if h.account)
+        assert granted == [A, B, B, B]
+        tg.cancel_scope.cancel()
+
+
+async def test_statistics_count_reservations(make_gate):
+    """statistics() shows held and reserved slots, capacity and free."""
+    gate, _ = make_gate({A: 3})
+    async with gate.slot():
+        stats = gate.statistics()
+        assert isinstance(stats, GateStatistics)
+        assert (stats.held, stats.reserved, stats.capacity, stats.free) == (1, 1, 3, 2)
+        assert (stats.grants, stats.polls, stats.waiting) == (1, 1, 0)
+        assert stats.accounts[0].account == A
+        assert stats.accounts[0].reserved == 1
+
+
+# --- rule 2: when a reservation stops counting -----------------------------------------------
+
+
+async def test_exit_settles_until_next_snapshot(make_gate):
+    """A slot left without submitting counts until a snapshot requested after the exit."""
+    gate, _ = make_gate({A: 1})
+    async with gate.slot():
+        pass
+    assert gate.statistics().reserved == 1
+    await gate.refresh()
+    assert gate.statistics().reserved == 0
+
+
+async def test_exit_by_exception_settles_not_gives_back(make_gate):
+    """A body that raised may have created a job: the slot still counts until a new snapshot."""
+    gate, _ = make_gate({A: 1})
+    with pytest.raises(KeyError, match=r"^'boom'$"):
+        async with gate.slot():
+            raise KeyError("boom")
+    assert gate.statistics().reserved == 1
+    assert gate.statistics().held == 0
+
+
+async def test_snapshot_sent_before_settle_keeps_counting(make_gate):
+    """A snapshot whose request was sent before the settle does not release the slot."""
+    gate, _ = make_gate({A: 1}, latency=P)
+    async with anyio.create_task_group() as tg:
+        async with gate.slot():
+            tg.start_soon(gate.refresh)
+            await anyio.wait_all_tasks_blocked()  # the request is on its way
+    assert gate.statistics().polls == 2
+    assert gate.statistics().reserved == 1
+
+
+async def test_listed_job_id_releases_at_once(make_gate):
+    """A job id listed among the executing jobs releases the slot, whatever the timing."""
+    gate, fake = make_gate({A: 2}, latency=P)
+    async with anyio.create_task_group() as tg, gate.slot() as slot:
+        job = await fake.create(slot.account, duration=3600)
+        tg.start_soon(gate.refresh)
+        await anyio.wait_all_tasks_blocked()  # sent before the settle, lists the job
+        slot.mark_submitted(job.job_id)
+    assert gate.statistics().reserved == 0
+    assert gate.statistics().free == 1
+
+
+async def test_job_id_already_listed_releases_at_settle(make_gate):
+    """Settling with an id the latest snapshot already lists releases at once."""
+    gate, fake = make_gate({A: 2})
+    async with gate.slot() as slot:
+        job = await fake.create(slot.account, duration=3600)
+        await gate.refresh()
+        slot.mark_submitted(job.job_id)
+        assert gate.statistics().reserved == 0
+
+
+async def test_submitted_slot_counts_until_reflected(make_gate):
+    """mark_submitted() without an id counts until a snapshot sent after it."""
+    gate, fake = make_gate({A: 2})
+    async with gate.slot() as slot:
+        await fake.create(slot.account, duration=3600)
+        slot.mark_submitted()
+        assert gate.statistics().reserved == 1
+        await gate.refresh()
+        assert gate.statistics().reserved == 0
+        assert gate.statistics().free == 1  # the job is counted by the server now
+
+
+async def test_mark_submitted_twice_is_an_error(make_gate):
+    """mark_submitted() on a settled slot is a RuntimeError."""
+    gate, _ = make_gate({A: 1})
+    async with gate.slot() as slot:
+        slot.mark_submitted("j1")
+        with pytest.raises(
+            RuntimeError, match=r"^mark_submitted\(\): this slot is already submitted$"
+        ):
+            slot.mark_submitted("j2")
+
+
+async def test_mark_submitted_checks_job_id_type(make_gate):
+    """A job id that is not a str or int is a TypeError."""
+    gate, _ = make_gate({A: 1})
+    async with gate.slot() as slot:
+        with pytest.raises(TypeError, match=r"^job_id must be a str or int, not float$"):
+            slot.mark_submitted(1.5)  # type: ignore[arg-type]
+
+
+async def test_numeric_job_id_matches_kling(make_gate):
+    """Kling's numeric job ids match the listed ones."""
+    gate, fake = make_gate(FakeScheduler({A: 2}, service="kling"))
+    async with gate.slot() as slot:
+        job = await fake.create(slot.account, duration=3600)
+        await gate.refresh()
+        slot.mark_submitted(int(job.job_id))
+        assert slot.job_id == job.job_id
+        assert gate.statistics().reserved == 0
+
+
+async def test_held_slot_survives_snapshots(make_gate):
+    """A slot still held counts through any number of snapshots."""
+    gate, _ = make_gate({A: 1})
+    async with gate.slot():
+        for _ in range(3):
+            await gate.refresh()
+        assert gate.statistics().free == 0
