@@ -368,3 +368,147 @@ async def test_held_slot_survives_snapshots(make_gate):
         for _ in range(3):
             await gate.refresh()
         assert gate.statistics().free == 0
+
+
+# --- rule 3: polling -----------------------------------------------------------------------------
+
+
+async def test_no_request_while_nobody_waits(make_gate):
+    """A gate nobody waits on sends no request at all."""
+    gate, fake = make_gate({A: 1})
+    await anyio.sleep(10 * P)
+    assert fake.requests == 0
+    assert gate.snapshot is None
+
+
+async def test_silent_once_everyone_is_served(make_gate):
+    """After the last waiter is granted, polling stops, even while slots are held."""
+    gate, fake = make_gate({A: 1})
+    async with gate.slot():
+        polls = fake.polls
+        await anyio.sleep(10 * P)
+        assert fake.polls == polls == 1
+
+
+async def test_fresh_snapshot_grants_without_request(make_gate):
+    """A snapshot younger than poll_interval with room grants at once, with no request."""
+    gate, fake = make_gate({A: 3}, poll_interval=10 * P)
+    async with gate.slot(), gate.slot(), gate.slot():
+        assert fake.polls == 1
+
+
+async def test_stale_snapshot_is_polled_again(make_gate):
+    """A snapshot older than poll_interval is not trusted: the next caller polls first."""
+    gate, fake = make_gate({A: 3}, jitter=0)
+    async with gate.slot():
+        pass
+    await anyio.sleep(2 * P)
+    async with gate.slot():
+        assert fake.polls == 2
+
+
+async def test_waiters_share_one_poll(make_gate):
+    """Many callers arriving together are served by one answer."""
+    gate, fake = make_gate({A: 10})
+    granted = 0
+
+    async def take():
+        nonlocal granted
+        async with gate.slot():
+            granted += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(take)
+    assert granted == 10
+    assert fake.polls == 1
+
+
+async def test_one_request_in_flight(make_gate):
+    """Never more than one request in flight per gate, whoever asks for it."""
+    fake = FakeScheduler({A: 1}, latency=P)
+    in_flight = peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await fake.handle(request)
+        finally:
+            in_flight -= 1
+
+    gate, _ = make_gate(fake, transport=httpx.MockTransport(handler))
+    fake.add_outside_job(A, duration=3600)  # nobody is ever served: everyone keeps waiting
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(Holder(gate).run)
+        for _ in range(3):
+            tg.start_soon(gate.refresh)
+        await anyio.sleep(10 * P)
+        tg.cancel_scope.cancel()
+    assert fake.polls >= 3
+    assert peak == 1
+
+
+async def test_refresh_joins_poll_in_flight(make_gate):
+    """Concurrent refresh() calls share one request and get the same snapshot."""
+    gate, fake = make_gate({A: 1}, latency=P)
+    results = []
+
+    async def refresh():
+        results.append(await gate.refresh())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(refresh)
+    assert fake.polls == 1
+    assert results[0] is results[1] is results[2] is gate.snapshot
+
+
+async def test_refresh_polls_even_when_nobody_waits(make_gate):
+    """refresh() is an explicit poll: it asks even with no waiter."""
+    gate, fake = make_gate({A: 2})
+    snapshot = await gate.refresh()
+    assert snapshot.free(A) == 2
+    assert fake.polls == 1
+
+
+@pytest.mark.trio_only
+async def test_polls_spaced_while_waiting(make_gate):
+    """While someone waits, polls are at least poll_interval apart (plus up to 10 % jitter)."""
+    gate, fake = make_gate({A: 1}, poll_interval=5.0)
+    fake.add_outside_job(A, duration=3600)
+    with anyio.move_on_after(100):
+        await Holder(gate).run()
+    gaps = [b - a for a, b in zip(fake.poll_times, fake.poll_times[1:])]
+    assert len(gaps) >= 15
+    assert all(5.0 <= gap <= 5.5 for gap in gaps)
+
+
+async def test_poll_spacing_real_time(make_gate):
+    """Even in real time, a waiting gate polls about once per poll_interval, not in a loop."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3600)
+    with anyio.move_on_after(10 * P):
+        await Holder(gate).run()
+    assert 5 <= fake.polls <= 11
+
+
+async def test_freed_slot_found_by_next_poll(make_gate):
+    """A waiter is granted once a poll sees the job that blocked it has ended."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3 * P)
+    async with gate.slot() as slot:
+        assert slot.account == A
+        assert slot.waited >= 3 * P
+    assert fake.polls >= 2
+
+
+async def test_slow_answer_still_grants(make_gate):
+    """Regression: an answer slower than poll_interval was stale on arrival and never granted."""
+    gate, fake = make_gate({A: 1}, latency=2 * P)
+    with anyio.fail_after(20 * P):
+        async with gate.slot() as slot:
+            assert slot.account == A
+    assert fake.polls == 1

@@ -127,9 +127,7 @@ def test_malformed_row_is_skipped(bad, reason):
 
 def test_duplicate_account_keeps_first_row():
     """A second row for the same account is skipped as a duplicate."""
-    snapshot, skipped = parse(
-        {"available": [row(available=1), row(available=4)], "executing": []}
-    )
+    snapshot, skipped = parse({"available": [row(available=1), row(available=4)], "executing": []})
     assert snapshot.free("a@x.io") == 1
     assert [s.reason for s in skipped] == ["duplicate account"]
 

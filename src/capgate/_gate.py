@@ -310,6 +310,8 @@ class _SlotContext:
     ) -> None:
         if self._slot is not None:
             self._slot._exit(exc)
+            if self._gate._fleet is not None:
+                await self._gate._fleet.flush()
 
 
 class CapacityGate:
@@ -367,6 +369,7 @@ class CapacityGate:
         poll_timeout: float = 30.0,
         max_backoff: float | None = None,
         jitter: float = 0.1,
+        store: RedisStore | None = None,
     ) -> None:
         if token is None:
             token = os.environ.get("USEAPI_TOKEN")
@@ -449,6 +452,10 @@ class CapacityGate:
         self._polls = 0
         self._polls_failed = 0
 
+        self._fleet: Fleet | None = None
+        if store is not None:
+            self._fleet = _make_fleet(self, store)
+
     # --- public surface ------------------------------------------------------------------
 
     @property
@@ -469,6 +476,8 @@ class CapacityGate:
     @property
     def snapshot(self) -> Snapshot | None:
         """The latest snapshot, or ``None`` before the first successful poll."""
+        if self._fleet is not None:
+            return self._fleet.snapshot
         return self._ledger.snapshot
 
     @property
@@ -536,6 +545,8 @@ class CapacityGate:
         slot = self._task_slots.pop(anyio.get_current_task().id, None)
         if slot is not None:
             slot._exit(exc)
+            if self._fleet is not None:
+                await self._fleet.flush()
 
     async def refresh(self) -> Snapshot:
         """Poll now (or join the poll in flight) and wake the waiters it can serve.
@@ -548,6 +559,8 @@ class CapacityGate:
             AuthenticationError: The token was refused.
             GateClosed: The gate is closed.
         """
+        if self._fleet is not None:
+            return await self._fleet.refresh()
         while True:
             self._check_open()
             inflight = self._inflight
@@ -1110,7 +1123,10 @@ class CapacityGate:
     ) -> None:
         self._ledger.apply_snapshot(snapshot, sent_tick)
         spacing = self._poll_interval * (1 + self._rng.uniform(0, self._jitter))
-        self._fresh_until = self._next_poll_at = sent + spacing
+        self._next_poll_at = sent + spacing
+        # freshness runs from the answer's arrival: an answer slower than poll_interval is
+        # still the newest there is, and must serve the waiters (else they starve, polling)
+        self._fresh_until = snapshot.received_at + spacing
         self._polls += 1
         self._failures = 0
         self._last_error = None
