@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from conftest import P
 
 from capgate import (
-    AuthenticationError,
     CapacityGate,
     CapacityGateError,
     GateStatistics,
-    PollError,
     SlotTimeout,
 )
 from capgate.testing import FakeScheduler, Fault
+from conftest import P
 
 pytestmark = pytest.mark.anyio
 
@@ -289,10 +287,9 @@ async def test_exit_by_exception_settles_not_gives_back(make_gate):
 async def test_snapshot_sent_before_settle_keeps_counting(make_gate):
     """A snapshot whose request was sent before the settle does not release the slot."""
     gate, _ = make_gate({A: 1}, latency=P)
-    async with anyio.create_task_group() as tg:
-        async with gate.slot():
-            tg.start_soon(gate.refresh)
-            await anyio.wait_all_tasks_blocked()  # the request is on its way
+    async with anyio.create_task_group() as tg, gate.slot():
+        tg.start_soon(gate.refresh)
+        await anyio.wait_all_tasks_blocked()  # the request is on its way
     assert gate.statistics().polls == 2
     assert gate.statistics().reserved == 1
 
@@ -481,7 +478,7 @@ async def test_polls_spaced_while_waiting(make_gate):
     fake.add_outside_job(A, duration=3600)
     with anyio.move_on_after(100):
         await Holder(gate).run()
-    gaps = [b - a for a, b in zip(fake.poll_times, fake.poll_times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(fake.poll_times)]
     assert len(gaps) >= 15
     assert all(5.0 <= gap <= 5.5 for gap in gaps)
 
@@ -512,3 +509,247 @@ async def test_slow_answer_still_grants(make_gate):
         async with gate.slot() as slot:
             assert slot.account == A
     assert fake.polls == 1
+
+
+# --- rule 4: fair waiting -------------------------------------------------------------------------
+
+
+async def test_first_come_first_served(make_gate):
+    """Waiters of equal priority are granted in arrival order."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3 * P)
+    order: list[str] = []
+    holders = [Holder(gate, str(i)) for i in range(5)]
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, holders, order=order)
+        for holder in holders:
+            await holder.granted.wait()
+            holder.release.set()
+    assert order == ["0", "1", "2", "3", "4"]
+
+
+async def test_higher_priority_first(make_gate):
+    """A higher priority is served before earlier arrivals of lower priority."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3 * P)
+    order: list[str] = []
+    holders = [
+        Holder(gate, "low", priority=0),
+        Holder(gate, "mid", priority=1),
+        Holder(gate, "high", priority=5),
+        Holder(gate, "low2", priority=0),
+    ]
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, holders, order=order)
+        while len(order) < len(holders):
+            await anyio.sleep(P)
+            for holder in holders:
+                holder.release.set()  # release whoever holds it
+    assert order == ["high", "mid", "low", "low2"]
+
+
+async def test_restricted_waiter_does_not_block_others(make_gate):
+    """A waiter restricted to a full account does not hold up later waiters."""
+    gate, fake = make_gate({A: 1, B: 1})
+    fake.add_outside_job(A, duration=3600)
+    stuck = Holder(gate, account=A)
+    later = Holder(gate)
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [stuck, later])
+        with anyio.fail_after(5 * P):
+            await later.granted.wait()
+        assert later.account == B
+        assert not stuck.granted.is_set()
+        tg.cancel_scope.cancel()
+
+
+async def test_collection_of_accounts_restricts(make_gate):
+    """slot(account=[...]) grants only one of the accounts named."""
+    gate, _ = make_gate({A: 5, B: 1, C: 1})
+    async with gate.slot(account=[B, C]) as first, gate.slot(account={B, C}) as second:
+        assert {first.account, second.account} == {B, C}
+
+
+async def test_no_barging(make_gate):
+    """A slot freed while someone waits goes to that waiter, not to a newcomer."""
+    gate, _ = make_gate({A: 1}, poll_interval=3600)
+    holder, waiter, newcomer = Holder(gate, "h"), Holder(gate, "w"), Holder(gate, "n")
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [holder, waiter])
+        holder.release.set()
+        await anyio.wait_all_tasks_blocked()  # settled: counts until the next snapshot
+        tg.start_soon(newcomer.run)
+        await anyio.wait_all_tasks_blocked()
+        await gate.refresh()
+        await anyio.wait_all_tasks_blocked()
+        assert waiter.granted.is_set()
+        assert not newcomer.granted.is_set()
+        tg.cancel_scope.cancel()
+
+
+async def test_restricted_earliest_eligible_wins(make_gate):
+    """When a slot frees on an account, the earliest waiter that may use it gets it."""
+    gate, fake = make_gate({A: 1, B: 1}, poll_interval=3600)
+    fake.add_outside_job(A, duration=3600)
+    fake.add_outside_job(B, duration=3600)
+    only_a, any_1, any_2 = Holder(gate, account=A), Holder(gate), Holder(gate)
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [only_a, any_1, any_2])
+        for job in fake.running():
+            if job.account == B:
+                job.end = anyio.current_time()
+        await gate.refresh()
+        await anyio.wait_all_tasks_blocked()
+        assert (only_a.account, any_1.account, any_2.account) == (None, B, None)
+        tg.cancel_scope.cancel()
+
+
+# --- rule 5: timeouts and cancellation ---------------------------------------------------------
+
+
+async def test_timeout_raises_slot_timeout(make_gate):
+    """timeout= raises SlotTimeout, a TimeoutError, and leaves nothing behind."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3600)
+    with pytest.raises(TimeoutError, match=r"^ltxstudio: no free slot within 0\.2 s$") as info:
+        async with gate.slot(timeout=4 * P):
+            pass  # pragma: no cover
+    assert isinstance(info.value, SlotTimeout)
+    assert info.value.timeout == 4 * P
+    stats = gate.statistics()
+    assert (stats.timeouts, stats.waiting, stats.reserved) == (1, 0, 0)
+
+
+async def test_zero_timeout_takes_a_fresh_free_slot(make_gate):
+    """timeout=0 still takes a slot a fresh snapshot shows free."""
+    gate, _ = make_gate({A: 2})
+    async with gate.slot(), gate.slot(timeout=0) as slot:
+        assert slot.account == A
+
+
+async def test_outer_cancel_scope(make_gate):
+    """An outer anyio cancel scope ends the wait cleanly, like a timeout."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3600)
+    with anyio.move_on_after(4 * P) as scope:
+        async with gate.slot():
+            pass  # pragma: no cover
+    assert scope.cancelled_caught
+    stats = gate.statistics()
+    assert (stats.waiting, stats.reserved, stats.timeouts) == (0, 0, 0)
+
+
+async def test_cancelled_waiter_leaves_no_trace(make_gate):
+    """A waiter cancelled before its grant is gone; the next in line is served as usual."""
+    gate, _ = make_gate({A: 1}, poll_interval=3600)
+    holder, cancelled, nxt = Holder(gate), Holder(gate), Holder(gate)
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [holder])
+        scope = anyio.CancelScope()
+        tg.start_soon(cancelled_run, scope, cancelled)
+        await anyio.wait_all_tasks_blocked()
+        await start_in_order(tg, [nxt])
+        scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert gate.statistics().waiting == 1
+        holder.release.set()
+        await anyio.wait_all_tasks_blocked()
+        await gate.refresh()
+        await anyio.wait_all_tasks_blocked()
+        assert nxt.granted.is_set()
+        assert not cancelled.granted.is_set()
+        tg.cancel_scope.cancel()
+
+
+async def cancelled_run(scope: anyio.CancelScope, holder: Holder) -> None:
+    with scope:
+        await holder.run()
+
+
+async def test_cancel_after_grant_passes_slot_on(make_gate):
+    """Regression (trio memleak_548): a waiter cancelled after its grant, before it ran,
+    gives the slot straight to the next waiter, with no new poll."""
+    gate, _ = make_gate({A: 1}, poll_interval=3600)
+    holder, first, second = Holder(gate), Holder(gate), Holder(gate)
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [holder])
+        tg.start_soon(cancelled_run, scope, first)
+        await anyio.wait_all_tasks_blocked()
+        await start_in_order(tg, [second])
+        holder.release.set()
+        await anyio.wait_all_tasks_blocked()  # settled; counts until the next snapshot
+        await gate.refresh()  # grants `first`, which has not run yet
+        scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert not first.granted.is_set()
+        assert second.granted.is_set()
+        assert gate.statistics().polls == 2
+        assert gate.statistics().reserved == 1
+        tg.cancel_scope.cancel()
+
+
+# --- nesting and many tasks -----------------------------------------------------------------------
+
+
+async def test_async_with_gate_yields_account(make_gate):
+    """``async with gate`` yields the account name."""
+    gate, _ = make_gate({A: 1})
+    async with gate as account:
+        assert account == A
+        assert gate.statistics().held == 1
+    assert gate.statistics().held == 0
+
+
+async def test_nesting_in_one_task_is_an_error(make_gate):
+    """Nesting ``async with gate`` in one task is a RuntimeError naming gate.slot()."""
+    gate, _ = make_gate({A: 2})
+    async with gate:
+        with pytest.raises(
+            RuntimeError,
+            match=r"^async with gate is already active in this task; "
+            r"use gate\.slot\(\) to hold several slots at once$",
+        ):
+            async with gate:
+                pass  # pragma: no cover
+        assert gate.statistics().held == 1
+
+
+async def test_many_tasks_each_get_a_slot(make_gate):
+    """``async with gate`` in many tasks at once gives each task its own slot."""
+    gate, _ = make_gate({A: 2, B: 2})
+    accounts: list[str] = []
+    ready = anyio.Event()
+
+    async def use():
+        async with gate as account:
+            accounts.append(account)
+            await ready.wait()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(use)
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(accounts) == [A, A, B, B]
+        assert gate.statistics().held == 4
+        ready.set()
+    assert gate.statistics().held == 0
+
+
+async def test_gate_reusable_after_exit_in_same_task(make_gate):
+    """After ``async with gate`` ends, the same task may enter it again."""
+    gate, _ = make_gate({A: 2})
+    async with gate:
+        pass
+    async with gate as account:
+        assert account == A
+
+
+async def test_slot_context_cannot_be_entered_twice(make_gate):
+    """One gate.slot() context object is entered once."""
+    gate, _ = make_gate({A: 2})
+    ctx = gate.slot()
+    async with ctx:
+        with pytest.raises(RuntimeError, match=r"^this gate\.slot\(\) context is already entered"):
+            async with ctx:
+                pass  # pragma: no cover

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import structlog
 
@@ -859,6 +860,10 @@ class CapacityGate:
                 self._dispatch()
                 while waiter.reservation is None and waiter.error is None:
                     await self._wait_turn(waiter)
+            if waiter.reservation is not None:
+                # granted, but cancelled before this task ran again: the holder never
+                # reaches the body, so the slot goes straight to the next waiter
+                await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             self._abandon(waiter)
             raise
