@@ -25,7 +25,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -46,6 +46,10 @@ from ._models import AccountStatistics, GateStatistics, Snapshot
 from ._poll import check_url, fetch_snapshot
 from ._services import get_service
 from ._strategy import STRATEGIES, Candidate, Picker, Strategy
+
+if TYPE_CHECKING:
+    from ._fleet import Fleet
+    from .redis import RedisStore
 
 __all__ = ["CapacityGate", "Slot"]
 
@@ -110,6 +114,21 @@ def _account_set(value: object, what: str) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"{what} must not be empty")
     return names
+
+
+def _make_fleet(gate: CapacityGate, store: object) -> Fleet:
+    """The fleet engine for ``store=`` (imports redis only when fleet mode is used)."""
+    try:
+        from ._fleet import Fleet
+        from .redis import RedisStore
+    except ImportError as exc:
+        raise TypeError(
+            f"store must be a capgate.redis.RedisStore, not {type(store).__name__} "
+            "(fleet mode needs the redis extra: pip install 'capgate[redis]')"
+        ) from exc
+    if not isinstance(store, RedisStore):
+        raise TypeError(f"store must be a capgate.redis.RedisStore, not {type(store).__name__}")
+    return Fleet(gate, store)
 
 
 class _Secret:
@@ -676,6 +695,9 @@ class CapacityGate:
         Call it from the gate's own event loop thread; from another thread (a sync web
         framework) use ``anyio.from_thread.run_sync(gate.invalidate)``.
         """
+        if self._fleet is not None:
+            self._fleet.invalidate()
+            return
         now = _now_or_none()
         if now is None or self._closed:
             return
@@ -696,6 +718,9 @@ class CapacityGate:
         if not isinstance(reason, str):
             raise TypeError(f"reason must be a str, not {type(reason).__name__}")
         length = self._quarantine_for if seconds is None else _number("seconds", seconds, minimum=0)
+        if self._fleet is not None:
+            self._fleet.quarantine(account, length, reason)
+            return
         now = anyio.current_time()
         self._ledger.quarantine(account, now + length, reason)
         self._known.add(account)
@@ -715,12 +740,17 @@ class CapacityGate:
     def restore(self, account: str) -> None:
         """Put a quarantined ``account`` back into rotation now."""
         account = _account_name(account, "account")
+        if self._fleet is not None:
+            self._fleet.restore(account)
+            return
         if self._ledger.restore(account):
             log.info("capgate.restore", service=self.service, account=account)
             self._dispatch()
 
     def statistics(self) -> GateStatistics:
         """What the gate is doing now, as a frozen :class:`GateStatistics`."""
+        if self._fleet is not None:
+            return self._fleet.statistics()
         now = _now_or_none()
         snapshot = self._ledger.snapshot
         rows: list[AccountStatistics] = []
@@ -790,6 +820,8 @@ class CapacityGate:
         if self._closed:
             return
         self._closed = True
+        if self._fleet is not None:
+            await self._fleet.aclose()
         for waiter in list(self._iter_waiters()):
             self._fail(waiter, GateClosed(f"{self.service}: the gate is closed"))
         if self._owns_client:
@@ -797,6 +829,9 @@ class CapacityGate:
                 await self._client.aclose()
 
     def __repr__(self) -> str:
+        if self._fleet is not None:
+            closed = ", closed" if self._closed else ""
+            return f"<CapacityGate {self.service}: {self._fleet.describe()}{closed}>"
         now = _now_or_none()
         snapshot = self._ledger.snapshot
         head = f"<CapacityGate {self.service}: "
@@ -829,6 +864,8 @@ class CapacityGate:
     async def _acquire(
         self, allowed: frozenset[str] | None, timeout: float | None, priority: int
     ) -> Slot:
+        if self._fleet is not None:
+            return await self._fleet.acquire(allowed, timeout, priority)
         self._check_open()
         now = anyio.current_time()
         error = self._quarantine_error(allowed, now)
@@ -1054,6 +1091,9 @@ class CapacityGate:
     def _settle(
         self, res: Reservation, job_id: str | None, *, error: BaseException | None = None
     ) -> None:
+        if self._fleet is not None:
+            self._fleet.settle(res, job_id, error)
+            return
         counted = self._ledger.reserved
         self._ledger.settle(res, job_id)
         log.debug(
@@ -1068,11 +1108,17 @@ class CapacityGate:
             self._dispatch()
 
     def _give_back(self, res: Reservation, *, why: str) -> None:
+        if self._fleet is not None:
+            self._fleet.give_back(res, why)
+            return
         if self._ledger.give_back(res):
             log.debug("capgate.give_back", service=self.service, account=res.account, reason=why)
             self._dispatch()
 
     def _mark_busy(self, res: Reservation) -> None:
+        if self._fleet is not None:
+            self._fleet.mark_busy(res)
+            return
         self._ledger.give_back(res)
         self._ledger.mark_busy(res.account)
         log.info("capgate.busy", service=self.service, account=res.account)

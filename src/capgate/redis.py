@@ -1,0 +1,147 @@
+"""Fleet mode: share one gate among many processes and hosts through Redis.
+
+Turn it on with one argument::
+
+    from capgate import CapacityGate
+    from capgate.redis import RedisStore
+
+    gate = CapacityGate(token, service="kling",
+                        store=RedisStore("redis://127.0.0.1:6379/0", namespace="capgate"))
+
+Every process that builds a gate with the same token, service, URL and store namespace
+joins one fleet: one shared ledger, one shared snapshot, one poll at a time for all of them,
+one queue of waiters served in arrival order across processes. How it works is described in
+``capgate._fleet``; this module holds only the configuration and the connection.
+
+Needs the ``redis`` extra (``pip install 'capgate[redis]'``): redis-py's *synchronous*
+client, called through ``anyio.to_thread`` so that fleet mode runs on asyncio and trio
+alike (``redis.asyncio`` is asyncio-only), and from one renewal thread per gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from typing import Any
+
+import redis as _redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = ["RedisStore"]
+
+
+def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+class RedisStore:
+    """Where a fleet of gates keeps its shared state: a Redis server and a key namespace.
+
+    Pass it as ``CapacityGate(..., store=RedisStore(url))``. One store may serve several
+    gates (different tokens or services get different keys); it owns a connection pool that
+    is closed when the last gate using it is closed.
+
+    Args:
+        url: A redis-py URL: ``redis://[[user]:password@]host:port/db``, ``rediss://`` for
+            TLS, ``unix:///path.sock``.
+        namespace: The first part of every key; keys are
+            ``<namespace>:{<hash of token, service and url>}:<name>``, never the token itself.
+        lease_ttl: Seconds a slot stays reserved for a holder that stopped renewing it (a
+            crashed process); live holders renew every ``min(lease_ttl / 4, 2)`` seconds.
+        recheck_interval: Seconds between fallback re-checks while waiting, for wake-up
+            messages that were missed.
+        recovery_grace: Seconds after Redis lost its data (a restart without persistence)
+            during which nothing is granted, so that live holders can re-assert their
+            leases first. Default: one renewal period plus 0.5 s.
+        socket_timeout: Seconds one Redis call may take before it counts as a failure.
+
+    Raises:
+        TypeError, ValueError: An argument is of the wrong type or out of range.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = "capgate",
+        lease_ttl: float = 120.0,
+        recheck_interval: float = 1.0,
+        recovery_grace: float | None = None,
+        socket_timeout: float = 2.0,
+    ) -> None:
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, not {type(url).__name__}")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
+        if not namespace or any(ch.isspace() or ch in "{}" for ch in namespace):
+            raise ValueError("namespace must be non-empty, without whitespace or braces")
+        self._url = url
+        self.namespace = namespace
+        self.lease_ttl = _positive("lease_ttl", lease_ttl)
+        self.recheck_interval = _positive("recheck_interval", recheck_interval)
+        self.renew_interval = min(self.lease_ttl / 4, 2.0)
+        self.recovery_grace = (
+            self.renew_interval + 0.5
+            if recovery_grace is None
+            else _positive("recovery_grace", recovery_grace, allow_zero=True)
+        )
+        self.socket_timeout = _positive("socket_timeout", socket_timeout)
+        self._lock = threading.Lock()
+        self._pool: _redis.ConnectionPool | None = None
+        self._users = 0
+
+    def key_prefix(self, token: str, service: str, url: str) -> str:
+        """The prefix of one gate's keys: the namespace and a hash, never the token.
+
+        The hash sits in braces so that every key of one gate maps to one Redis Cluster slot.
+        """
+        digest = hashlib.sha256(f"{token}\0{service}\0{url}".encode()).hexdigest()[:16]
+        return f"{self.namespace}:{{{digest}}}:"
+
+    def client(self) -> _redis.Redis:
+        """A synchronous client on the store's pool (internal; thread-safe)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = _redis.ConnectionPool.from_url(
+                    self._url,
+                    socket_timeout=self.socket_timeout,
+                    socket_connect_timeout=min(self.socket_timeout, 1.0),
+                    # retries are the fleet's job: a script must not run twice unseen
+                    retry=Retry(NoBackoff(), 0),
+                    health_check_interval=0,
+                )
+            return _redis.Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
+
+    def _attach(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def _detach(self) -> None:
+        with self._lock:
+            self._users -= 1
+            pool = self._pool if self._users <= 0 else None
+            if pool is not None:
+                self._pool = None
+        if pool is not None:
+            pool.disconnect()
+
+    def __repr__(self) -> str:
+        # the URL may carry a password: show only where it points
+        where = self._url.split("@")[-1].split("://")[-1]
+        return (
+            f"<capgate.redis.RedisStore {where} namespace={self.namespace!r} "
+            f"lease_ttl={self.lease_ttl:g}>"
+        )
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a RedisStore cannot be pickled; build one per process")
