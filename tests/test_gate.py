@@ -11,9 +11,11 @@ import httpx
 import pytest
 
 from capgate import (
+    AuthenticationError,
     CapacityGate,
     CapacityGateError,
     GateStatistics,
+    PollError,
     SlotTimeout,
 )
 from capgate.testing import FakeScheduler, Fault
@@ -57,7 +59,7 @@ async def start_in_order(tg: anyio.abc.TaskGroup, holders: list[Holder], **run: 
         await anyio.wait_all_tasks_blocked()
 
 
-# --- virtual time --------------------------------------------------------------------------
+# --- virtual time ---------------------------------------------------------------------------------
 
 
 @pytest.mark.trio_only
@@ -69,7 +71,7 @@ async def test_virtual_time_canary():
     assert time.perf_counter() - wall < 1
 
 
-# --- construction ----------------------------------------------------------------------------
+# --- construction ---------------------------------------------------------------------------------
 
 
 async def test_token_from_environment(monkeypatch):
@@ -161,7 +163,7 @@ async def test_slot_options_are_validated(make_gate):
         gate.slot(timeout=-1)
 
 
-# --- rule 1: accounting ------------------------------------------------------------------------
+# --- rule 1: accounting ---------------------------------------------------------------------------
 
 
 async def test_grants_never_exceed_server_free(make_gate):
@@ -261,7 +263,7 @@ async def test_statistics_count_reservations(make_gate):
         assert stats.accounts[0].reserved == 1
 
 
-# --- rule 2: when a reservation stops counting -----------------------------------------------
+# --- rule 2: when a reservation stops counting ----------------------------------------------------
 
 
 async def test_exit_settles_until_next_snapshot(make_gate):
@@ -367,7 +369,7 @@ async def test_held_slot_survives_snapshots(make_gate):
         assert gate.statistics().free == 0
 
 
-# --- rule 3: polling -----------------------------------------------------------------------------
+# --- rule 3: polling ------------------------------------------------------------------------------
 
 
 async def test_no_request_while_nobody_waits(make_gate):
@@ -604,7 +606,7 @@ async def test_restricted_earliest_eligible_wins(make_gate):
         tg.cancel_scope.cancel()
 
 
-# --- rule 5: timeouts and cancellation ---------------------------------------------------------
+# --- rule 5: timeouts and cancellation ------------------------------------------------------------
 
 
 async def test_timeout_raises_slot_timeout(make_gate):
@@ -753,3 +755,358 @@ async def test_slot_context_cannot_be_entered_twice(make_gate):
         with pytest.raises(RuntimeError, match=r"^this gate\.slot\(\) context is already entered"):
             async with ctx:
                 pass  # pragma: no cover
+
+
+# --- rule 6: errors -------------------------------------------------------------------------------
+
+
+async def test_401_fails_every_waiter_at_once(make_gate):
+    """A refused token raises AuthenticationError in every waiter, after one request."""
+    gate, fake = make_gate({A: 1}, token="wrong-token")
+    holders = [Holder(gate) for _ in range(4)]
+    with anyio.fail_after(5 * P):
+        async with anyio.create_task_group() as tg:
+            for h in holders:
+                tg.start_soon(h.run)
+    assert all(isinstance(h.error, AuthenticationError) for h in holders)
+    assert str(holders[0].error) == "ltxstudio: the API token was refused (HTTP 401: Unauthorized)"
+    assert fake.requests == fake.unauthorized == 1
+    assert gate.statistics().waiting == 0
+
+
+async def test_401_mid_wait_fails_current_waiters(make_gate):
+    """A 401 after good polls fails the waiters then waiting, with no retry loop."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3600)
+    fake.inject(Fault(), Fault(status=401, body={"error": "Unauthorized", "code": 401}))
+    with pytest.raises(AuthenticationError, match=r"^ltxstudio: the API token was refused"):
+        async with gate.slot():
+            pass  # pragma: no cover
+    assert fake.polls == 2
+
+
+async def test_403_is_authentication_error(make_gate):
+    """403 counts as a refused token too."""
+    gate, fake = make_gate({A: 1})
+    fake.inject(Fault(status=403, body={"error": "Forbidden"}))
+    with pytest.raises(AuthenticationError, match=r"^ltxstudio: the API token was refused") as info:
+        await gate.refresh()
+    assert info.value.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 500, "body": {"error": "oops"}},
+        {"status": 503, "body": b"<html>down</html>"},
+        {"status": 429, "body": {"error": "slow down"}},
+        {"status": 200, "body": b"this is not json"},
+        {"body": [1, 2, 3]},
+        {"body": {"available": "nope"}},
+        {"body": {"unexpected": True}},
+        {"disconnect": True},
+    ],
+    ids=["500", "503-html", "429", "garbage", "list", "wrong-field", "no-lists", "disconnect"],
+)
+async def test_failed_polls_are_logged_and_retried(make_gate, logs, fault):
+    """5xx, 429, garbage, wrong shapes and disconnects are logged, retried, then served."""
+    gate, fake = make_gate({A: 1})
+    fake.inject(Fault(count=2, **fault))
+    with anyio.fail_after(100 * P):
+        async with gate.slot() as slot:
+            assert slot.account == A
+    assert fake.polls == 3
+    failed = [e for e in logs if e["event"] == "capgate.poll_failed"]
+    assert len(failed) == 2
+    assert failed[0]["log_level"] == "warning"
+    assert gate.statistics().polls_failed == 2
+    assert gate.statistics().last_poll_error is None
+
+
+async def test_slow_poll_times_out_and_is_retried(make_gate, logs):
+    """A poll slower than poll_timeout is a failed poll, retried."""
+    gate, fake = make_gate({A: 1}, poll_timeout=2 * P)
+    fake.inject(Fault(delay=20 * P))
+    with anyio.fail_after(100 * P):
+        async with gate.slot():
+            pass
+    errors = [e["error"] for e in logs if e["event"] == "capgate.poll_failed"]
+    assert errors == ["ltxstudio: no answer within 0.1 s"]
+
+
+@pytest.mark.trio_only
+async def test_backoff_is_exponential_with_full_jitter(make_gate):
+    """Failed polls back off from poll_interval, doubling up to max_backoff, jittered."""
+    gate, fake = make_gate({A: 1}, poll_interval=1.0, max_backoff=30.0)
+    fake.inject(Fault(count=8, status=502, body={"error": "bad gateway"}))
+    async with gate.slot():
+        pass
+    gaps = [b - a for a, b in itertools.pairwise(fake.poll_times)]
+    assert len(gaps) == 8
+    for failures, gap in enumerate(gaps, start=1):
+        assert 1.0 <= gap <= min(30.0, 2.0**failures) + 1e-9
+    assert max(gaps) > 4.0  # the ceiling grows: not stuck at poll_interval
+
+
+async def test_retry_after_is_honoured(make_gate):
+    """A Retry-After longer than the backoff sets the next poll."""
+    gate, fake = make_gate({A: 1})
+    fake.inject(Fault(status=429, body={"error": "busy"}, headers={"Retry-After": "0.5"}))
+    async with gate.slot():
+        pass
+    assert fake.poll_times[1] - fake.poll_times[0] >= 0.5
+
+
+async def test_failing_server_bounded_by_timeout(make_gate):
+    """While every poll fails, waiters keep waiting until their own timeout."""
+    gate, fake = make_gate({A: 1})
+    fake.inject(Fault(count=1000, status=500, body={"error": "down"}))
+    with pytest.raises(SlotTimeout, match=r"^ltxstudio: no free slot within 0\.5 s$"):
+        async with gate.slot(timeout=10 * P):
+            pass  # pragma: no cover
+    stats = gate.statistics()
+    assert stats.polls_failed >= 2
+    assert stats.last_poll_error == "ltxstudio: HTTP 500: down"
+
+
+async def test_refresh_raises_poll_error(make_gate):
+    """refresh() raises the PollError of its poll (waiters never see it)."""
+    gate, fake = make_gate({A: 1})
+    fake.inject(Fault(status=500, body={"error": "boom"}))
+    with pytest.raises(PollError, match=r"^ltxstudio: HTTP 500: boom$") as info:
+        await gate.refresh()
+    assert info.value.status_code == 500
+
+
+async def test_malformed_rows_skipped_and_logged(make_gate, logs):
+    """A malformed row is skipped and logged; the rest of the answer is used."""
+    gate, fake = make_gate({A: 1, B: 1})
+    body = {
+        "available": [
+            {"email": A, "maxJobs": 1, "executing": -1, "available": 1},
+            {"maxJobs": 1, "executing": 0, "available": 1},
+            {"email": B, "maxJobs": 1, "executing": "x", "available": 1},
+            {"email": C, "maxJobs": 2, "executing": 0, "available": 2},
+        ],
+        "executing": [],
+    }
+    fake.inject(Fault(count=100, body=body))
+    async with gate.slot() as slot:
+        assert slot.account == C
+    skipped = [(e["index"], e["reason"]) for e in logs if e["event"] == "capgate.row_skipped"]
+    assert skipped == [
+        (0, "executing is negative"),
+        (1, "no email"),
+        (2, "executing is not a number"),
+    ]
+
+
+# --- rule 7: logging, and secrets -----------------------------------------------------------------
+
+
+async def test_stable_event_names(make_gate, logs):
+    """A grant and its settle are logged as capgate.poll, capgate.grant, capgate.settle."""
+    gate, _ = make_gate({A: 1})
+    async with gate.slot() as slot:
+        slot.mark_submitted("j1")
+    events = [e["event"] for e in logs]
+    assert events == ["capgate.poll", "capgate.grant", "capgate.settle"]
+    grant = logs[1]
+    assert (grant["account"], grant["service"]) == (A, "ltxstudio")
+    assert logs[2]["job_id"] == "j1"
+
+
+async def test_log_keys_are_flat(make_gate, logs):
+    """Every logged value is a scalar: flat keys, no nested structures."""
+    gate, fake = make_gate({A: 1})
+    fake.inject(Fault(status=500, body={"error": "x"}))
+    async with gate.slot():
+        pass
+    assert logs
+    for entry in logs:
+        assert entry["event"].startswith("capgate.")
+        for value in entry.values():
+            assert value is None or isinstance(value, (str, int, float, bool))
+
+
+SECRET = "tok-Sup3rSecret-0123456789"
+
+
+async def test_token_never_leaks(make_gate, logs):
+    """The token is in no log line, repr, exception message or statistics."""
+    fake = FakeScheduler({A: 1}, token=SECRET)
+    gate, _ = make_gate(fake)
+    seen: list[str] = []
+    fake.inject(
+        Fault(status=500, body={"error": f"echo Bearer {SECRET}"}),
+        Fault(status=200, body=f"not json {SECRET}".encode()),
+        Fault(disconnect=True),
+    )
+    async with gate.slot() as slot:
+        seen += [repr(gate), repr(slot), str(gate.statistics()), repr(vars(gate))]
+    fake.inject(Fault(status=500, body={"error": f"Bearer {SECRET}"}))
+    with pytest.raises(PollError) as info:
+        await gate.refresh()
+    seen += [str(info.value), repr(info.value)]
+    fake.token = "rotated"
+    with pytest.raises(AuthenticationError) as auth:
+        await gate.refresh()
+    seen += [str(auth.value), repr(auth.value), repr(gate), str(gate.statistics())]
+    seen += [repr(entry) for entry in logs]
+    assert len(logs) > 5
+    for text in seen:
+        assert SECRET not in text
+
+
+async def test_token_cannot_be_pickled():
+    """The token holder refuses pickling, so the token cannot leak through it."""
+    import pickle
+
+    gate = CapacityGate(SECRET)
+    with pytest.raises(TypeError, match=r"^the API token cannot be pickled$"):
+        pickle.dumps(gate._token)
+    await gate.aclose()
+
+
+# --- every service shape --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("service", "account"),
+    [
+        ("ltxstudio", "a@x.io"),
+        ("kling", "a@x.io"),
+        ("tempolor", "user-12"),
+        ("riffusion", "user-12"),
+        ("minimax", "my-account"),
+        ("pixverse", "a-b@x.io"),
+    ],
+)
+async def test_every_service_shape(make_gate, service, account):
+    """Each service's names parse, its jobs map to their account, and its ids release slots."""
+    fake = FakeScheduler({account: 2, "other": 1}, service=service, latency=P)
+    gate, _ = make_gate(fake, accounts=[account])
+    async with anyio.create_task_group() as tg, gate.slot() as slot:
+        assert slot.account == account
+        job = await fake.create(slot.account, duration=3600)
+        tg.start_soon(gate.refresh)
+        await anyio.wait_all_tasks_blocked()
+        slot.mark_submitted(job.wire_id)
+    assert gate.snapshot is not None
+    assert [(j.job_id, j.account) for j in gate.snapshot.executing] == [(job.job_id, account)]
+    assert gate.statistics().reserved == 0
+    assert gate.snapshot.free(account) == 1
+
+
+# --- strategies and the allow-list ----------------------------------------------------------------
+
+
+async def grant_sequence(gate: CapacityGate, n: int) -> list[str]:
+    """Take ``n`` slots one after another (all held), and return their accounts."""
+    accounts = []
+    async with anyio.create_task_group() as tg:
+        holders = [Holder(gate) for _ in range(n)]
+        await start_in_order(tg, holders)
+        accounts = [h.account for h in holders]
+        tg.cancel_scope.cancel()
+    return accounts
+
+
+async def test_most_available_is_default(make_gate):
+    """The default strategy picks the account with the most free slots, ties in server order."""
+    gate, _ = make_gate({A: 1, B: 3, C: 2})
+    assert await grant_sequence(gate, 4) == [B, B, C, A]
+
+
+async def test_first_fit_follows_accounts_order(make_gate):
+    """first_fit fills accounts in the accounts= order."""
+    gate, _ = make_gate({A: 2, B: 2, C: 2}, strategy="first_fit", accounts=[C, A, B])
+    assert await grant_sequence(gate, 5) == [C, C, A, A, B]
+
+
+async def test_round_robin_rotates(make_gate):
+    """round_robin moves to the next account with room after each grant."""
+    gate, _ = make_gate({A: 2, B: 2, C: 1}, strategy="round_robin")
+    assert await grant_sequence(gate, 5) == [A, B, C, A, B]
+
+
+async def test_callable_strategy(make_gate):
+    """A callable picks among Candidates that carry free, max_jobs, executing, reserved."""
+    seen = []
+
+    def last(candidates):
+        seen.append([(c.account, c.free, c.max_jobs, c.executing, c.reserved) for c in candidates])
+        return candidates[-1].account
+
+    gate, _ = make_gate({A: 2, B: 1}, strategy=last)
+    assert await grant_sequence(gate, 2) == [B, A]
+    assert seen[0] == [(A, 2, 2, 0, 0), (B, 1, 1, 0, 0)]
+
+
+async def test_broken_strategy_falls_back(make_gate, logs):
+    """A callable that fails (or names no candidate) is logged; the default picks instead."""
+    gate, _ = make_gate({A: 1, B: 2}, strategy=lambda candidates: "nobody")
+    async with gate.slot() as slot:
+        assert slot.account == B
+    failed = [e for e in logs if e["event"] == "capgate.strategy_failed"]
+    assert failed[0]["error"] == (
+        "ValueError: strategy returned 'nobody', which is not one of the candidates"
+    )
+
+
+async def test_allow_list_limits_accounts(make_gate):
+    """accounts= is an allow-list: other accounts are never granted nor counted."""
+    gate, _ = make_gate({A: 3, B: 1}, accounts=[B])
+    holders = [Holder(gate) for _ in range(2)]
+    async with anyio.create_task_group() as tg:
+        for h in holders:
+            tg.start_soon(h.run)
+        await anyio.sleep(5 * P)
+        assert [h.account for h in holders].count(B) == 1
+        assert not all(h.granted.is_set() for h in holders)
+        stats = gate.statistics()
+        assert [a.account for a in stats.accounts] == [B]
+        assert stats.capacity == 1
+        tg.cancel_scope.cancel()
+
+
+# --- closing, repr --------------------------------------------------------------------------------
+
+
+async def test_aclose_fails_waiters(make_gate):
+    """aclose() wakes every waiter with GateClosed; later calls fail at once."""
+    from capgate import GateClosed
+
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=3600)
+    holder = Holder(gate)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder.run)
+        await anyio.wait_all_tasks_blocked()
+        await gate.aclose()
+    assert isinstance(holder.error, GateClosed)
+    with pytest.raises(GateClosed, match=r"^ltxstudio: the gate is closed$"):
+        async with gate.slot():
+            pass  # pragma: no cover
+    await gate.aclose()  # twice is harmless
+
+
+async def test_aclose_closes_own_client_only():
+    """The gate closes the client it made, and leaves a caller's client open."""
+    mine = httpx.AsyncClient()
+    gate = CapacityGate("t", client=mine)
+    own = CapacityGate("t")
+    await gate.aclose()
+    await own.aclose()
+    assert not mine.is_closed
+    assert own._client.is_closed
+    await mine.aclose()
+
+
+async def test_repr_shows_live_state(make_gate):
+    """The repr shows service, reserved/capacity, waiters and the snapshot's age."""
+    gate, _ = make_gate({A: 3})
+    assert repr(gate) == "<CapacityGate ltxstudio: 0 reserved, 0 waiting, no snapshot>"
+    async with gate.slot() as slot:
+        assert repr(gate).startswith("<CapacityGate ltxstudio: 1/3 reserved, 0 waiting, snapshot ")
+        assert repr(slot) == "<capgate.Slot 'a@x.io' held>"
