@@ -368,8 +368,8 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(res=reservations)
     def create_job(self, res):
         """The holder creates its job on the server (not yet marked submitted)."""
-        if res.job is not None or res.settled_tick is not None:
-            return
+        if res.job is not None or res.settled_tick is not None or not res.counting:
+            return  # a slot given back is never used for a job
         self.ids += 1
         res.job = f"job-{self.ids}"
         self.server.jobs[res.job] = res.account

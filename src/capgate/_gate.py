@@ -866,6 +866,7 @@ class CapacityGate:
     ) -> Slot:
         if self._fleet is not None:
             return await self._fleet.acquire(allowed, timeout, priority)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled task gets no slot
         self._check_open()
         now = anyio.current_time()
         error = self._quarantine_error(allowed, now)
@@ -889,7 +890,11 @@ class CapacityGate:
                     priority=priority,
                     waiting=0,
                 )
-                return Slot(self, self._ledger.reserve(account, now), 0.0)
+                slot = Slot(self, self._ledger.reserve(account, now), 0.0)
+                # like trio's CapacityLimiter: a grant still yields to the scheduler once,
+                # shielded, so a loop of grants cannot starve other tasks
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+                return slot
         waiter = _Waiter(next(self._seq), priority, allowed, now)
         self._enqueue(waiter)
         try:
@@ -1027,10 +1032,10 @@ class CapacityGate:
             free = {a: n for a, n in free.items() if a in self._allow}
         if not free:
             return None
-        snapshot = self._ledger.snapshot
-        assert snapshot is not None  # noqa: S101 - _fresh() checked it
-        order = self._accounts or [row.account for row in snapshot.accounts]
-        return Picker(self._strategy, free, order, last=self._rr_last, describe=self._candidate)
+        # free_accounts() keeps the server's order, which is the default preference order
+        return Picker(
+            self._strategy, free, self._accounts, last=self._rr_last, describe=self._candidate
+        )
 
     def _pick(self, picker: Picker, allowed: frozenset[str] | None) -> str | None:
         """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""

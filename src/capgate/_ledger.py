@@ -69,6 +69,7 @@ class Ledger:
         self._reservations: dict[int, Reservation] = {}
         self._pending: Counter[str] = Counter()
         self._snapshot: Snapshot | None = None
+        self._limits: dict[str, int] = {}  # per account: room before reservations
         self._snapshot_tick = 0
         self._busy: dict[str, int] = {}  # account -> tick of the 429
         self._quarantine: dict[str, tuple[float | None, str]] = {}  # account -> (until, reason)
@@ -95,6 +96,7 @@ class Ledger:
             return
         self._snapshot = snapshot
         self._snapshot_tick = sent_tick
+        self._limits = {row.account: self._limit(row) for row in snapshot.accounts}
         for res in list(self._reservations.values()):
             if res.settled_tick is not None and (
                 res.settled_tick < sent_tick
@@ -173,26 +175,31 @@ class Ledger:
 
     def room(self, account: str) -> int:
         """The accounting rule alone, ignoring busy marks and quarantine."""
-        if self._snapshot is None:
-            return 0
-        row = self._snapshot.account(account)
-        if row is None:
-            return 0
+        return max(0, self._limits.get(account, 0) - self._pending.get(account, 0))
+
+    def _limit(self, row: AccountCapacity) -> int:
+        """``min(server_free, cap - executing)`` for one row: room before reservations."""
         limit = row.free
         cap = self.cap(row)
         if cap is not None:
             limit = min(limit, cap - (row.busy or 0))
-        return max(0, limit - self._pending.get(account, 0))
+        return limit
 
     def free_accounts(self, now: float | None = None) -> dict[str, int]:
         """Every account with room now, in the snapshot's order."""
         if self._snapshot is None:
             return {}
         result = {}
+        busy, quarantine = self._busy, self._quarantine
         for row in self._snapshot.accounts:
-            n = self.free(row.account, now=now)
+            account = row.account
+            if account in busy or (
+                account in quarantine and self.quarantined(account, now=now) is not None
+            ):
+                continue
+            n = self.room(account)
             if n > 0:
-                result[row.account] = n
+                result[account] = n
         return result
 
     # --- busy marks -------------------------------------------------------------------

@@ -23,6 +23,8 @@ __all__ = ["STRATEGIES", "Candidate", "Picker", "Strategy", "StrategyName"]
 
 StrategyName = Literal["most_available", "round_robin", "first_fit"]
 STRATEGIES: tuple[str, ...] = ("most_available", "round_robin", "first_fit")
+#: up to this many accounts with room, most_available scans instead of keeping a heap
+SCAN_LIMIT = 16
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Picker:
         self,
         strategy: Strategy,
         free: dict[str, int],
-        order: Sequence[str],
+        order: Sequence[str] | None = None,
         *,
         last: str | None = None,
         describe: Callable[[str, int], Candidate] | None = None,
@@ -74,13 +76,27 @@ class Picker:
         self.total = sum(free.values())
         self.last = last
         self._describe = describe
-        self._rank = {account: i for i, account in enumerate(order)}
-        for account in free:
-            if account not in self._rank:
-                self._rank[account] = len(self._rank)
-        self._order = sorted(free, key=self._rank.__getitem__)
+        self._given_order = order
+        self._rank_map: dict[str, int] | None = None
+        self._order_list: list[str] | None = None
         self._heap: list[tuple[int, int, str]] | None = None
         self._cursor = 0
+
+    @property
+    def _rank(self) -> dict[str, int]:
+        """Preference rank per account: ``order`` first, then the server's (built lazily)."""
+        if self._rank_map is None:
+            rank = {account: i for i, account in enumerate(self._given_order or ())}
+            for account in self.free:
+                rank.setdefault(account, len(rank))
+            self._rank_map = rank
+        return self._rank_map
+
+    @property
+    def _order(self) -> list[str]:
+        if self._order_list is None:
+            self._order_list = sorted(self.free, key=self._rank.__getitem__)
+        return self._order_list
 
     def __bool__(self) -> bool:
         return self.total > 0
@@ -124,6 +140,13 @@ class Picker:
                     key = (-n, self._rank[account])
                     if best is None or key < best:
                         best, choice = key, account
+            return choice
+        if self._heap is None and len(self.free) <= SCAN_LIMIT:
+            # few accounts: a scan beats a heap; ties go to the first in server order
+            choice, most = None, 0
+            for account, n in self.free.items():
+                if n > most:
+                    choice, most = account, n
             return choice
         if self._heap is None:
             self._heap = [(-n, self._rank[a], a) for a, n in self.free.items()]
