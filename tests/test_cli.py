@@ -91,8 +91,12 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 def _interrupt(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     """Ctrl-C, as a terminal would send it; returns the exit code, stdout and stderr."""
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=20)
-    return process.returncode, out, err
+    code = process.wait(timeout=20)
+    # read through the text wrappers: communicate() would skip what they already buffered
+    assert process.stdout is not None
+    assert process.stderr is not None
+    with process.stdout, process.stderr:
+        return code, process.stdout.read(), process.stderr.read()
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -297,3 +301,47 @@ def test_watch_without_token(monkeypatch, capsys):
     monkeypatch.delenv("USEAPI_TOKEN", raising=False)
     assert main(["watch"]) == 2
     assert capsys.readouterr().err.startswith("capgate: error: no API token")
+
+
+# --- serve-fake --------------------------------------------------------------------------
+
+
+def test_serve_fake_serves_until_ctrl_c():
+    """serve-fake prints its URL and token, answers polls and creates (429 when full),
+    and exits 0 on Ctrl-C."""
+    process = _capgate(
+        "serve-fake", "--accounts", "a@x.io=1", "--token", "tok-123", "--max-duration", "60"
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        while not any("scheduler  GET" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, process.stderr.read() if process.stderr else ""
+            lines.append(line)
+        url = lines[-1].split("GET", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        create = httpx.URL(url).copy_with(path="/v1/ltxstudio/jobs")
+        headers = {"Authorization": "Bearer tok-123"}
+        assert httpx.post(create, json={"email": "a@x.io"}, headers=headers).status_code == 200
+        assert httpx.post(create, json={"email": "a@x.io"}, headers=headers).status_code == 429
+        assert httpx.get(url, headers=headers).json()["available"] == []
+        assert httpx.get(url, headers={"Authorization": "Bearer x"}).status_code == 401
+    finally:
+        code, out, err = _interrupt(process)
+    assert code == 0
+    banner = "".join(lines) + out
+    assert "token      tok-123" in banner
+    assert "capgate status --url http://127.0.0.1:" in banner
+    assert "Traceback" not in err
+
+
+def test_serve_fake_port_in_use(capsys):
+    """A port already taken gives one clear line and exit 2."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert main(["serve-fake", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"capgate: error: cannot listen on 127.0.0.1:{port}: ")

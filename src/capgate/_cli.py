@@ -537,6 +537,14 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )
     if not args.token.strip() or any(ch.isspace() for ch in args.token):
         parser.error("--token must be non-empty and contain no whitespace")
+    if args.port:
+        import socket
+
+        with socket.socket() as probe:  # say it plainly, before uvicorn logs a traceback
+            try:
+                probe.bind(("127.0.0.1", args.port))
+            except OSError as exc:
+                raise _Failure(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}") from None
     fake = FakeScheduler(
         args.accounts,
         service=args.service,
