@@ -345,3 +345,45 @@ def test_serve_fake_port_in_use(capsys):
         assert main(["serve-fake", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"capgate: error: cannot listen on 127.0.0.1:{port}: ")
+
+
+# --- simulate ----------------------------------------------------------------------------
+
+
+def test_simulate_summary_and_plot(tmp_path, capsys):
+    """simulate runs in virtual time, prints the summary, and draws a PNG."""
+    picture = tmp_path / "sim.png"
+    started = time.perf_counter()
+    assert main(["simulate", "--jobs", "60", "--workers", "20", "--plot", str(picture)]) == 0
+    assert time.perf_counter() - started < 20  # about an hour of virtual time
+    out = capsys.readouterr().out
+    assert "of virtual time in" in out
+    assert "vs ideal" in out
+    assert "vs oracle" in out
+    assert "429s              0" in out
+    assert f"plot written to {picture}" in out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_json(capsys):
+    """simulate --json prints the figures of capgate.simulation as JSON."""
+    argv = ["simulate", "--json", "--jobs", "50", "--accounts", "4,2", "--seed", "3"]
+    argv += ["--min-duration", "10", "--max-duration", "20", "--poll-interval", "2"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["jobs"] == 50
+    assert data["rejected_429"] == 0
+    assert data["params"]["accounts"] == [4, 2]
+    assert data["params"]["duration"] == [10.0, 20.0]
+    assert data["params"]["poll_interval"] == 2.0
+    assert data["makespan"] >= data["oracle_makespan"] >= data["ideal_makespan"] * 0.999
+    assert data["utilisation"] > 0.8
+    assert "wall_seconds" in data
+
+
+def test_simulate_plot_folder_missing(tmp_path, capsys):
+    """--plot into a folder that does not exist is an argument error."""
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--plot", str(tmp_path / "nope" / "x.png")])
+    assert info.value.code == 2
+    assert "--plot: folder" in capsys.readouterr().err

@@ -169,14 +169,13 @@ def _console(*, stderr: bool = False) -> Console:
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _summary(
     result: SimulationResult, title: str, *, peak: dict[str, int] | None = None
 ) -> RenderableType:
+    from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
@@ -189,18 +188,20 @@ def _summary(
     table.add_column()
     table.add_row(
         "scenario",
-        f"{len(s.accounts)} accounts (maxJobs {', '.join(map(str, s.accounts))}: "
-        f"{s.capacity} slots), {s.workers or s.jobs} workers, {s.jobs} jobs of "
-        f"{low:g}-{high:g} s, poll every {s.poll_interval:g} s, seed {s.seed}",
+        f"{s.jobs} jobs of {low:g}-{high:g} s, {s.workers or s.jobs} workers, seed {s.seed}",
     )
-    bounds = f"ideal {_duration(result.ideal_makespan)}"
-    if result.oracle_makespan is not None:
-        bounds += f", oracle {_duration(result.oracle_makespan)}"
     table.add_row(
-        "makespan",
-        f"{_duration(result.makespan)}  vs {bounds}  "
-        f"(+{result.makespan / result.ideal_makespan - 1:.1%} over ideal)",
+        "accounts",
+        f"maxJobs {'+'.join(map(str, s.accounts))} = {s.capacity} slots, "
+        f"poll every {s.poll_interval:g} s",
     )
+    table.add_row("makespan", Text(_duration(result.makespan), style="bold"))
+    bounds = [("vs ideal", result.ideal_makespan), ("vs oracle", result.oracle_makespan)]
+    for label, bound in bounds:
+        if bound is not None and bound > 0:
+            table.add_row(
+                label, f"{_duration(bound)}, so +{result.makespan / bound - 1:.1%} longer"
+            )
     shares = []
     for account, series in timeline.busy.items():
         cap = timeline.capacity[account]
@@ -235,16 +236,11 @@ def _summary(
         f"mean {_duration(result.wait_mean)}, p99 {_duration(result.wait_p99)}, "
         f"max {_duration(result.wait_max)}",
     )
-    subtitle = "ideal = total work / slots, or the longest job if longer"
+    note = "ideal: total work / slots, or the longest job if longer"
     if result.oracle_makespan is not None:
-        subtitle += "; oracle = sees every free slot the instant it frees"
-    return Panel(
-        table,
-        title=title,
-        title_align="left",
-        subtitle=subtitle,
-        subtitle_align="left",
-        expand=False,
+        note += "\noracle: a dispatcher that sees each slot free up the instant it does"
+    return Group(
+        Panel(table, title=title, title_align="left", expand=False), Text(note, style="dim")
     )
 
 
