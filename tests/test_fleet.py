@@ -1,0 +1,562 @@
+"""Fleet mode against a real Redis and a fake scheduler over loopback HTTP, in real time.
+
+Redis comes from ``CAPGATE_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``); every test
+uses its own namespace and deletes its keys. Tests that restart Redis start a private
+``redis-server`` on a free port. Real sockets rule out the autojump clock, so intervals are
+short (0.1-0.3 s) and jobs last a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis
+import structlog
+
+from capgate import AccountQuarantined, CapacityGate, SlotTimeout
+from capgate.redis import RedisStore
+from capgate.testing import FakeScheduler, serve
+
+REDIS_URL = os.environ.get("CAPGATE_REDIS_URL", "redis://127.0.0.1:6379/15")
+WORKER = Path(__file__).with_name("fleet_worker.py")
+
+
+def _reachable(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.redis,
+    pytest.mark.loopback,
+    pytest.mark.skipif(
+        not _reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL} (set CAPGATE_REDIS_URL)"
+    ),
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Real time on asyncio (one test repeats the core scenario on trio)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A namespace of its own for each test; its keys are deleted afterwards."""
+    name = f"capgate-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{name}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def fake_url() -> Iterator[tuple[FakeScheduler, str]]:
+    """A fake ltxstudio with 3 + 2 slots, served over loopback HTTP."""
+    fake = FakeScheduler({"a@x.io": 3, "b@x.io": 2}, job_duration=0.3)
+    with serve(fake) as url:
+        yield fake, url
+
+
+@pytest.fixture
+async def make_gate(
+    namespace: str,
+) -> AsyncIterator[Callable[..., CapacityGate]]:
+    """Build fleet gates on the test's namespace; closes them afterwards."""
+    made: list[CapacityGate] = []
+
+    def factory(
+        url: str,
+        *,
+        redis_url: str = REDIS_URL,
+        lease_ttl: float = 2.0,
+        recovery_grace: float = 0.3,
+        **kwargs: Any,
+    ) -> CapacityGate:
+        store = RedisStore(
+            redis_url,
+            namespace=namespace,
+            lease_ttl=lease_ttl,
+            recovery_grace=recovery_grace,
+            socket_timeout=1.0,
+        )
+        kwargs.setdefault("poll_interval", 0.15)
+        kwargs.setdefault("jitter", 0.0)
+        gate = CapacityGate(kwargs.pop("token", "fake-token"), url=url, store=store, **kwargs)
+        made.append(gate)
+        return gate
+
+    yield factory
+    for gate in made:
+        await gate.aclose()
+
+
+def _create_url(url: str) -> str:
+    return url.replace("/scheduler/available", "/jobs")
+
+
+async def _create(client: httpx.AsyncClient, url: str, account: str, duration: float) -> str:
+    response = await client.post(
+        _create_url(url),
+        json={"email": account, "duration": duration},
+        headers={"Authorization": "Bearer fake-token"},
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["jobId"])
+
+
+async def _run_jobs(
+    gates: list[CapacityGate], url: str, jobs: int, duration: float = 0.3, timeout: float = 30
+) -> int:
+    done = 0
+    async with httpx.AsyncClient() as client:
+
+        async def worker(i: int) -> None:
+            nonlocal done
+            async with gates[i % len(gates)].slot(timeout=timeout) as slot:
+                slot.mark_submitted(await _create(client, url, slot.account, duration))
+            done += 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(jobs):
+                tg.start_soon(worker, i)
+    return done
+
+
+async def _eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Wait until ``check()`` (sync or async) is true; Redis has no event to wait on."""
+    with anyio.fail_after(timeout):
+        while True:
+            result = check()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.01)
+
+
+async def _waiting(namespace: str) -> int:
+    """Waiters queued in Redis under ``namespace`` (any gate)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*:queue"))
+        return sum(int(client.zcard(k)) for k in keys)
+    finally:
+        client.close()
+
+
+async def _at_least(namespace: str, n: int) -> bool:
+    return await _waiting(namespace) >= n
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_store_arguments_are_validated() -> None:
+    """Bad RedisStore arguments raise with exact messages."""
+    with pytest.raises(ValueError, match=r"^url must start with redis://, rediss:// or unix://$"):
+        RedisStore("http://127.0.0.1:6379")
+    with pytest.raises(ValueError, match=r"^lease_ttl must be a finite number > 0, got 0$"):
+        RedisStore(lease_ttl=0)
+    with pytest.raises(TypeError, match=r"^namespace must be a str, not int$"):
+        RedisStore(namespace=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^namespace must be non-empty"):
+        RedisStore(namespace="a b")
+
+
+def test_gate_refuses_what_is_not_a_store() -> None:
+    """store= takes only a RedisStore, and fleet mode refuses a callable strategy."""
+    with pytest.raises(TypeError, match=r"^store must be a capgate.redis.RedisStore, not dict$"):
+        CapacityGate("t", store={})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^a callable strategy cannot run inside Redis"):
+        CapacityGate("t", strategy=lambda c: c[0].account, store=RedisStore(REDIS_URL))
+
+
+def test_keys_and_repr_never_show_secrets() -> None:
+    """The key prefix hashes the token; the store's repr hides the Redis password."""
+    store = RedisStore("redis://:hunter2@127.0.0.1:6379/15", namespace="ns")
+    prefix = store.key_prefix("my-secret-token", "kling", "https://x")
+    assert "my-secret-token" not in prefix
+    assert prefix.startswith("ns:{")
+    assert prefix.endswith("}:")
+    assert prefix != store.key_prefix("other-token", "kling", "https://x")
+    assert prefix != store.key_prefix("my-secret-token", "minimax", "https://x")
+    assert "hunter2" not in repr(store)
+
+
+# --- one process, several gates ----------------------------------------------------------------
+
+
+async def test_two_gates_never_oversubscribe(make_gate, fake_url) -> None:
+    """40 waiters over two gates sharing Redis: every job runs, no 429, one poll at a time."""
+    fake, url = fake_url
+    gates = [make_gate(url), make_gate(url)]
+    started = time.monotonic()
+    assert await _run_jobs(gates, url, 40) == 40
+    elapsed = time.monotonic() - started
+    assert fake.rejected_429 == 0
+    assert fake.peak == {"a@x.io": 3, "b@x.io": 2}
+    # two gates, but the fleet polls about once per interval, not twice
+    assert fake.polls <= elapsed / 0.15 + 3
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_fleet_runs_on_trio(make_gate, fake_url) -> None:
+    """The same scenario on trio: fleet mode is not asyncio-only."""
+    fake, url = fake_url
+    assert await _run_jobs([make_gate(url), make_gate(url)], url, 12) == 12
+    assert fake.rejected_429 == 0
+
+
+async def test_grants_follow_global_arrival_order(make_gate, fake_url, namespace) -> None:
+    """Waiters on alternating gates are served in the order they arrived, priority first."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    fake.peak = {"a@x.io": 0}
+    gates = [make_gate(url), make_gate(url)]
+    holder = await gates[0].slot().__aenter__()  # keep the only slot busy while others queue
+    order: list[str] = []
+
+    async def waiter(name: str, gate: CapacityGate, priority: int) -> None:
+        async with gate.slot(timeout=20, priority=priority):
+            order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        plan = [("w0", 0), ("w1", 0), ("w2", 0), ("hi", 5), ("w3", 0)]
+        for i, (name, priority) in enumerate(plan):
+            tg.start_soon(waiter, name, gates[i % 2], priority)
+            await _eventually(lambda n=i + 1: _at_least(namespace, n))
+        holder._exit(None)
+        await gates[0]._fleet.flush()  # type: ignore[union-attr]
+    assert order == ["hi", "w0", "w1", "w2", "w3"]
+
+
+async def test_restricted_waiter_does_not_block_later_ones(make_gate, fake_url, namespace) -> None:
+    """A waiter restricted to a full account lets a later, unrestricted waiter through."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1, "b@x.io": 1}
+    gates = [make_gate(url), make_gate(url)]
+    hold_a = await gates[0].slot(account="a@x.io").__aenter__()
+    got: list[str] = []
+
+    async def waiter(gate: CapacityGate, account: str | None) -> None:
+        async with gate.slot(account=account, timeout=10) as slot:
+            got.append(slot.account)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, gates[1], "a@x.io")
+        await _eventually(lambda: _at_least(namespace, 1))
+        tg.start_soon(waiter, gates[0], None)
+        await _eventually(lambda: bool(got))
+        assert got == ["b@x.io"]
+        hold_a._exit(None)
+        await gates[0]._fleet.flush()  # type: ignore[union-attr]
+    assert got == ["b@x.io", "a@x.io"]
+
+
+async def test_quarantine_and_busy_marks_are_shared(make_gate, fake_url) -> None:
+    """A quarantine set through one gate is seen by another; restore brings the account back."""
+    _, url = fake_url
+    a, b = make_gate(url), make_gate(url)
+    async with b.slot(timeout=5):
+        pass
+    a.quarantine("a@x.io", seconds=30, reason="HTTP 596: on hold")
+    await a._fleet.flush()  # type: ignore[union-attr]
+    await b.refresh()
+    with pytest.raises(AccountQuarantined, match=r"a@x.io \(HTTP 596: on hold\)") as info:
+        async with b.slot(account="a@x.io", timeout=5):
+            pass
+    assert info.value.reasons == {"a@x.io": "HTTP 596: on hold"}
+    stats = b.statistics()
+    row = next(r for r in stats.accounts if r.account == "a@x.io")
+    assert row.quarantine_reason == "HTTP 596: on hold"
+    assert "quarantined: a@x.io" in repr(b)
+    async with b.slot(timeout=5) as slot:  # may use other accounts: gets b@x.io
+        assert slot.account == "b@x.io"
+        slot.mark_busy()
+    b.restore("a@x.io")
+    await b._fleet.flush()  # type: ignore[union-attr]
+    async with a.slot(account="a@x.io", timeout=5) as slot:
+        assert slot.account == "a@x.io"
+
+
+async def test_submit_refresh_statistics_in_fleet_mode(make_gate, fake_url) -> None:
+    """submit retries a stolen slot, refresh polls, statistics shows the fleet's numbers."""
+    fake, url = fake_url
+    gate = make_gate(url)
+    snapshot = await gate.refresh()
+    assert {r.account for r in snapshot.accounts} == {"a@x.io", "b@x.io"}
+    assert gate.snapshot is not None
+    fake.steal_next = 1
+    async with httpx.AsyncClient() as client:
+
+        async def create(account: str) -> httpx.Response:
+            return await client.post(
+                _create_url(url),
+                json={"email": account, "duration": 0.2},
+                headers={"Authorization": "Bearer fake-token"},
+            )
+
+        response = await gate.submit(create, timeout=10)
+    assert response.status_code == 200
+    gate.invalidate()
+    stats = gate.statistics()
+    assert stats.grants >= 1
+    assert stats.polls >= 1
+    assert stats.capacity == 5
+    assert "fleet" in repr(gate)
+
+
+async def test_token_never_reaches_keys_or_logs(make_gate, fake_url, namespace) -> None:
+    """The token is in no Redis key, value or log line."""
+    fake, url = fake_url
+    secret = "tok-" + uuid.uuid4().hex
+    fake.token = secret
+    gate = make_gate(url, token=secret)
+    with structlog.testing.capture_logs() as logs:
+        async with gate.slot(timeout=5) as slot:
+            slot.mark_submitted("job-1")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in client.scan_iter(match=f"{namespace}:*"):
+            assert secret.encode() not in key
+            dump = client.dump(key) or b""
+            assert secret.encode() not in dump
+    finally:
+        client.close()
+    assert secret not in repr(logs)
+    assert secret not in repr(gate)
+    assert secret not in repr(gate.statistics())
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+async def test_lease_of_a_silent_holder_is_reclaimed(make_gate, fake_url) -> None:
+    """A holder that stops renewing loses its slot after lease_ttl; a live one keeps it."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    dead, live = make_gate(url, lease_ttl=1.0), make_gate(url, lease_ttl=1.0)
+    slot = await dead.slot().__aenter__()
+    fleet = dead._fleet
+    assert fleet is not None
+    await anyio.sleep(1.5)  # renewed through more than one lease_ttl: still held
+    with pytest.raises(SlotTimeout):
+        async with live.slot(timeout=0.5):
+            pass
+    with fleet._held_lock:
+        fleet._held.clear()  # the holder "dies": nothing renews its lease any more
+    started = time.monotonic()
+    async with live.slot(timeout=5) as got:
+        waited = time.monotonic() - started
+    assert got.account == "a@x.io"
+    assert waited < 1.0 + 1.0  # lease_ttl, then one poll
+    slot._state = "released"  # the dead holder never comes back
+
+
+async def test_a_cancelled_waiter_leaves_nothing_behind(make_gate, fake_url, namespace) -> None:
+    """A waiter cancelled while queued leaves the queue at once; its slot goes to the next."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    gate = make_gate(url)
+    holder = await gate.slot().__aenter__()
+    with anyio.move_on_after(0.5):
+        async with gate.slot():
+            pytest.fail("granted while the only slot is held")
+    assert await _waiting(namespace) == 0
+    holder._exit(None)
+    await gate._fleet.flush()  # type: ignore[union-attr]
+    async with gate.slot(timeout=5) as slot:
+        assert slot.account == "a@x.io"
+
+
+# --- Redis trouble ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, without persistence, that can be stopped and restarted."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.proc = subprocess.Popen(  # noqa: S603 - a fixed local binary
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while not _reachable(self.url):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs the redis-server binary")
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_unreachable_redis_fails_closed_and_recovers(
+    make_gate, fake_url, private_redis
+) -> None:
+    """With Redis down nothing is granted and it is logged; when it returns, grants resume."""
+    _, url = fake_url
+    gate = make_gate(url, redis_url=private_redis.url)
+    async with gate.slot(timeout=5):
+        pass
+    private_redis.stop()
+    with structlog.testing.capture_logs() as logs, pytest.raises(SlotTimeout):
+        async with gate.slot(timeout=1.0):
+            pytest.fail("granted while Redis is down")
+    assert any(e["event"] == "capgate.store_unavailable" for e in logs)
+    private_redis.start()
+    with structlog.testing.capture_logs() as logs:
+        async with gate.slot(timeout=10) as slot:
+            assert slot.account
+    assert any(e["event"] == "capgate.store_recovered" for e in logs)
+
+
+@pytest.mark.slow
+async def test_redis_restart_mid_run_grants_nothing_twice(
+    make_gate, fake_url, private_redis
+) -> None:
+    """Redis loses everything mid-run: the run completes with no 429 and no oversubscription."""
+    fake, url = fake_url
+    gates = [
+        make_gate(url, redis_url=private_redis.url, lease_ttl=1.2, recovery_grace=0.8)
+        for _ in range(2)
+    ]
+
+    async def restart() -> None:
+        await anyio.sleep(1.0)
+        await anyio.to_thread.run_sync(private_redis.stop)
+        await anyio.sleep(0.5)
+        await anyio.to_thread.run_sync(private_redis.start)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(restart)
+        done = await _run_jobs(gates, url, 40, duration=0.3, timeout=40)
+    assert done == 40
+    assert fake.rejected_429 == 0
+    assert fake.peak["a@x.io"] <= 3
+    assert fake.peak["b@x.io"] <= 2
+
+
+# --- several OS processes ---------------------------------------------------------------------
+
+
+def _spawn(*args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(  # noqa: S603 - our own worker script
+        [sys.executable, str(WORKER), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_processes_share_one_gate(namespace) -> None:
+    """4 processes x 6 tasks: every job done, zero 429s, about one poll per interval."""
+    fake = FakeScheduler({"a@x.io": 3, "b@x.io": 2, "c@x.io": 2}, job_duration=0.3)
+    interval = 0.2
+    with serve(fake) as url:
+        procs = [
+            _spawn("run", url, REDIS_URL, namespace, 10, 6, 0.3, interval, 3.0) for _ in range(4)
+        ]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        first_poll = min(fake.poll_times)
+        span = max(fake.poll_times) - first_poll
+    assert sum(r["done"] for r in results) == 40
+    assert fake.rejected_429 == 0
+    assert fake.creates == 40
+    assert all(fake.peak[a] <= fake.max_jobs[a] for a in fake.max_jobs)
+    # one poller for the fleet: polls track the interval, not the number of processes
+    assert fake.polls <= span / interval + 4, (fake.polls, span)
+
+
+@pytest.mark.slow
+async def test_killed_process_slots_come_back_within_lease_ttl(make_gate, namespace) -> None:
+    """A process SIGKILLed while holding every slot: they are granted again within lease_ttl."""
+    fake = FakeScheduler({"a@x.io": 2}, job_duration=0.3)
+    ttl = 1.5
+    with serve(fake) as url:
+        proc = _spawn("hold", url, REDIS_URL, namespace, 2, 0.15, ttl)
+        try:
+            line = await anyio.to_thread.run_sync(proc.stdout.readline)  # type: ignore[union-attr]
+            assert line.strip() == "HELD"
+            gate = make_gate(url, lease_ttl=ttl)
+            with pytest.raises(SlotTimeout):
+                async with gate.slot(timeout=0.5):
+                    pass
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            async with gate.slot(timeout=10), gate.slot(timeout=10):
+                back = time.monotonic() - killed
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.communicate(timeout=10)
+    assert back <= ttl + 0.15 + 1.0, back
