@@ -99,8 +99,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         for i, c in enumerate(row):
             widths[i] = max(widths[i], len(c))
     numeric = [
-        all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) if rows else False
-        for i in range(len(headers))
+        all(_numeric(row[i]) for row in rows) if rows else False for i in range(len(headers))
     ]
 
     def line(values: Sequence[str]) -> str:
@@ -110,6 +109,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+def _numeric(value: Any) -> bool:
+    if value is None or isinstance(value, (int, float)):
+        return True
+    try:
+        float(str(value).replace(",", "").rstrip("x%"))
+    except ValueError:
+        return False
+    return True
 
 
 def _cell(value: Any) -> str:
