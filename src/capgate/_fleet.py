@@ -304,6 +304,7 @@ class Fleet:
         self._res_ids = itertools.count(1)
         self._leases: dict[int, tuple[str, str]] = {}  # reservation id -> (lease id, wid)
         self._lock_ids = itertools.count(1)
+        self._retry_in: float | None = None
 
         # shared with the renewal thread
         self._held: dict[str, tuple[str, str]] = {}  # lease id -> (account, wid)
@@ -546,14 +547,15 @@ class Fleet:
             return
         state = self._state
         spent = state.since(anyio.current_time())
-        fresh_in = state.fresh_in - spent
         poll_in = state.poll_in - spent
-        if fresh_in <= 0 and poll_in <= 0:
+        if poll_in <= 0:  # as in-process: poll when due, fresh or not
+            self._retry_in = None
             if await self._try_poll(force=False):
                 return
             state = self._state
             spent = state.since(anyio.current_time())
-            poll_in = state.poll_in - spent
+            # another process holds the lock, or polled meanwhile: its answer wakes us
+            poll_in = self._retry_in if self._retry_in is not None else state.poll_in - spent
         delay = self._store.recheck_interval
         if poll_in > 0:
             delay = min(delay, poll_in)
@@ -659,6 +661,7 @@ class Fleet:
             self._store_down(exc)
             return None
         if not begin.get("ok"):
+            self._retry_in = float(begin.get("wait", 0.0))
             return None
         sent_tick, sent = int(begin["tick"]), str(begin["sent"])
         t0 = anyio.current_time()

@@ -314,11 +314,8 @@ return cjson.encode(s)
 # ARGV: lock token, lock ms, force (0/1), grace
 BEGIN_POLL = r"""
 ensure_epoch(tonumber(ARGV[4]))
-if ARGV[3] ~= '1' then
-  if NOW < mget('next_poll_at', 0) or NOW < mget('fresh_until', 0) then
-    return cjson.encode({ok = false, wait = math.max(mget('next_poll_at', 0),
-      mget('fresh_until', 0)) - NOW})
-  end
+if ARGV[3] ~= '1' and NOW < mget('next_poll_at', 0) then
+  return cjson.encode({ok = false, wait = mget('next_poll_at', 0) - NOW})
 end
 if not redis.call('SET', P .. 'lock', ARGV[1], 'NX', 'PX', ARGV[2]) then
   return cjson.encode({ok = false, wait = redis.call('PTTL', P .. 'lock') / 1000})
