@@ -48,6 +48,14 @@ def test_every_dispatcher_sees_the_same_jobs():
     assert results["retry-429"].rejected_429 > 0
 
 
+def test_latency_with_outside_load_repeats():
+    """Concurrent requests of equal latency still give the same figures run after run."""
+    scenario = replace(SMALL, outside_jobs=40, latency=0.2)
+    for dispatcher in ("capgate", "retry-429"):
+        first = simulate(scenario, dispatcher, oracle=False)
+        assert first.to_dict() == simulate(scenario, dispatcher, oracle=False).to_dict()
+
+
 def test_callbacks_label_and_help():
     """Completion callbacks label the row and do not make capgate slower here."""
     plain = simulate(SMALL, oracle=False)
