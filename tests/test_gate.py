@@ -104,6 +104,12 @@ def test_token_with_whitespace_inside_is_refused():
         CapacityGate("abc def")
 
 
+def test_non_ascii_token_is_refused():
+    """Regression: a non-ASCII token failed every poll forever instead of failing at once."""
+    with pytest.raises(ValueError, match=r"^the API token contains non-ASCII characters$"):
+        CapacityGate("t\u00f6ken")
+
+
 def test_unknown_service_lists_known_ones():
     """An unknown service is a ValueError listing the known ones."""
     with pytest.raises(ValueError, match=r"^unknown service 'runway'; known services: kling, "):

@@ -404,6 +404,8 @@ class CapacityGate:
             raise CapacityGateError("the API token is empty")
         if any(ch.isspace() or not ch.isprintable() for ch in token):
             raise ValueError("the API token contains whitespace or control characters")
+        if not token.isascii():  # it could never be sent in a header: every poll would fail
+            raise ValueError("the API token contains non-ASCII characters")
         self._service = get_service(service)
         self._url = check_url(self._service.url if url is None else url)
         if client is not None and not isinstance(client, httpx.AsyncClient):
