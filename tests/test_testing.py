@@ -237,3 +237,13 @@ async def test_callbacks_when_jobs_end():
         tg.cancel_scope.cancel()
     assert done == [first.job_id, second.job_id]
     assert fake.completed == 2
+
+
+async def test_injected_fault_is_copied():
+    """Regression: inject() counted down the caller's Fault, so reusing it did nothing."""
+    fault = Fault(status=500, body={"error": "x"})
+    for _ in range(2):
+        fake = FakeScheduler({A: 1})
+        fake.inject(fault)
+        assert (await get(fake)).status_code == 500
+    assert fault.count == 1

@@ -29,7 +29,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -240,8 +240,12 @@ class FakeScheduler:
         self.create_faults.pop(account, None)
 
     def inject(self, *faults: Fault) -> None:
-        """Queue faults for the next polls, in order."""
-        self.faults.extend(faults)
+        """Queue faults for the next polls, in order.
+
+        Each fault is copied: the fake counts its uses down on the copy, so one ``Fault``
+        can be reused (in another fake, or a parametrized test).
+        """
+        self.faults.extend(replace(f) for f in faults)
 
     async def create(
         self,
