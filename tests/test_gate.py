@@ -1116,3 +1116,35 @@ async def test_repr_shows_live_state(make_gate):
     async with gate.slot() as slot:
         assert repr(gate).startswith("<CapacityGate ltxstudio: 1/3 reserved, 0 waiting, snapshot ")
         assert repr(slot) == "<capgate.Slot 'a@x.io' held>"
+
+
+async def test_polling_continues_after_first_waiter_times_out(make_gate):
+    """When the waiter that was polling gives up, another waiter takes polling over."""
+    gate, fake = make_gate({A: 1})
+    fake.add_outside_job(A, duration=10 * P)
+    early, late = Holder(gate, timeout=3 * P), Holder(gate)
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [early, late])
+        with anyio.fail_after(40 * P):
+            await late.granted.wait()
+        late.release.set()
+    assert isinstance(early.error, SlotTimeout)
+    assert late.account == A
+
+
+async def test_waiter_cancelled_mid_poll_hands_polling_on(make_gate):
+    """A waiter cancelled while its poll is in flight leaves the others polling."""
+    gate, _ = make_gate({A: 1}, latency=2 * P)
+    first, second = Holder(gate), Holder(gate)
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancelled_run, scope, first)
+        await anyio.wait_all_tasks_blocked()  # first is polling (the answer is slow)
+        tg.start_soon(second.run)
+        await anyio.wait_all_tasks_blocked()
+        scope.cancel()
+        with anyio.fail_after(40 * P):
+            await second.granted.wait()
+        second.release.set()
+    assert not first.granted.is_set()
+    assert gate.statistics().waiting == 0
