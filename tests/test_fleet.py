@@ -28,7 +28,7 @@ import pytest
 import redis
 import structlog
 
-from capgate import AccountQuarantined, CapacityGate, SlotTimeout
+from capgate import AccountQuarantined, AuthenticationError, CapacityGate, GateClosed, SlotTimeout
 from capgate.redis import RedisStore
 from capgate.testing import FakeScheduler, serve
 
@@ -379,6 +379,71 @@ async def test_lease_of_a_silent_holder_is_reclaimed(make_gate, fake_url) -> Non
     assert got.account == "a@x.io"
     assert waited < 1.0 + 1.0  # lease_ttl, then one poll
     slot._state = "released"  # the dead holder never comes back
+
+
+async def test_renewal_survives_a_blocked_event_loop(make_gate, fake_url) -> None:
+    """A holder whose event loop is blocked for twice lease_ttl keeps its slot (thread renews)."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    holder, other = make_gate(url, lease_ttl=1.0), make_gate(url, lease_ttl=1.0)
+    async with holder.slot(timeout=5):
+        time.sleep(2.0)  # noqa: ASYNC251 - the point: the loop cannot run for 2 lease_ttl
+        with pytest.raises(SlotTimeout):
+            async with other.slot(timeout=0.6):
+                pass
+
+
+async def test_refused_token_fails_waiters_in_every_gate(make_gate, fake_url) -> None:
+    """A 401 seen by the fleet's poller fails waiters at once, with no retry loop."""
+    fake, url = fake_url
+    fake.token = "another-token"
+    a, b = make_gate(url), make_gate(url)
+    errors: list[BaseException] = []
+
+    async def waiter(gate: CapacityGate) -> None:
+        try:
+            async with gate.slot(timeout=5):
+                pass
+        except AuthenticationError as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, a)
+        tg.start_soon(waiter, b)
+    assert len(errors) == 2
+    assert time.monotonic() - started < 2.0
+    assert fake.unauthorized == 1
+
+
+async def test_aclose_fails_waiters_with_gate_closed(make_gate, fake_url) -> None:
+    """Closing a fleet gate fails its waiters with GateClosed and leaves the queue."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    gate, other = make_gate(url), make_gate(url)
+    holder = await other.slot().__aenter__()
+
+    async def close_soon() -> None:
+        await anyio.sleep(0.3)
+        await gate.aclose()
+
+    errors: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            async with gate.slot(timeout=5):
+                pytest.fail("granted while the only slot is held")
+        except GateClosed as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close_soon)
+        await wait()
+    assert len(errors) == 1
+    holder._exit(None)
+    await other._fleet.flush()  # type: ignore[union-attr]
+    async with other.slot(timeout=5) as slot:
+        assert slot.account == "a@x.io"
 
 
 async def test_a_cancelled_waiter_leaves_nothing_behind(make_gate, fake_url, namespace) -> None:

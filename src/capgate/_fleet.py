@@ -28,7 +28,7 @@ How it works, in one place:
   the scripts returned. "Sent after it settled" is decided by a logical tick (``HINCRBY``)
   as in the local ledger, so the rule stays exact across hosts with skewed clocks.
 - **Leases.** A grant is a lease with an expiry. A *renewal thread* per gate renews the
-  gate's leases and waiter heartbeats every ``min(lease_ttl / 4, 2)`` s with a synchronous
+  gate's leases and waiter heartbeats every ``min(lease_ttl / 4, 1)`` s with a synchronous
   client. This departs from the no-background-task rule on purpose: renewal must not starve
   when the event loop is busy (a CPU-bound holder, a blocked loop), and only a thread can
   promise that. The thread also flushes the operations that the synchronous APIs record
@@ -304,6 +304,7 @@ class Fleet:
         self._res_ids = itertools.count(1)
         self._leases: dict[int, tuple[str, str]] = {}  # reservation id -> (lease id, wid)
         self._lock_ids = itertools.count(1)
+        self._renew_now = False
         self._retry_in: float | None = None
 
         # shared with the renewal thread
@@ -378,7 +379,8 @@ class Fleet:
                 service=self._service,
                 down_for=round(time.monotonic() - since, 3),
             )
-            self._kick.set()  # re-assert leases now
+            self._renew_now = True  # re-assert leases at once: Redis may have lost them
+            self._kick.set()
 
     # --- local view ----------------------------------------------------------------------
 
@@ -410,11 +412,12 @@ class Fleet:
         state = self._state
         if state.auth_at is not None and state.auth_at != self._auth_seen:
             self._auth_seen = state.auth_at
-            if state.auth_age >= self._gate._poll_interval:
-                return  # an old failure: a new poll will tell
+            # as in-process: a 401 fails every waiter that was waiting when it came
+            failed_at = now - state.auth_age
             error = AuthenticationError(state.auth_msg, status_code=state.auth_status)
             for waiter in list(self._waiters.values()):
-                self._fail(waiter, error)
+                if waiter.arrived <= failed_at:
+                    self._fail(waiter, error)
         if state.quar:
             for waiter in list(self._waiters.values()):
                 qerror = self._quarantine_error(waiter.allowed)
@@ -950,7 +953,8 @@ class Fleet:
             try:
                 self._drain()
                 now = time.monotonic()
-                if now >= next_renew or failing:
+                if now >= next_renew or failing or self._renew_now:
+                    self._renew_now = False
                     self._renew()
                     next_renew = now + every
                 failing = False

@@ -55,7 +55,7 @@ class RedisStore:
         namespace: The first part of every key; keys are
             ``<namespace>:{<hash of token, service and url>}:<name>``, never the token itself.
         lease_ttl: Seconds a slot stays reserved for a holder that stopped renewing it (a
-            crashed process); live holders renew every ``min(lease_ttl / 4, 2)`` seconds.
+            crashed process); live holders renew every ``min(lease_ttl / 4, 1)`` seconds.
         recheck_interval: Seconds between fallback re-checks while waiting, for wake-up
             messages that were missed.
         recovery_grace: Seconds after Redis lost its data (a restart without persistence)
@@ -89,7 +89,7 @@ class RedisStore:
         self.namespace = namespace
         self.lease_ttl = _positive("lease_ttl", lease_ttl)
         self.recheck_interval = _positive("recheck_interval", recheck_interval)
-        self.renew_interval = min(self.lease_ttl / 4, 2.0)
+        self.renew_interval = min(self.lease_ttl / 4, 1.0)
         self.recovery_grace = (
             self.renew_interval + 0.5
             if recovery_grace is None
