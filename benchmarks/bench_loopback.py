@@ -44,7 +44,12 @@ async def _main(sc: Scenario, polls: int, oracle: float) -> dict[str, Any]:
         job_duration=sc.duration,
     )
     with serve(fake) as url:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        # drop idle connections before uvicorn does (its keep-alive is 5 s): a worker that
+        # waited longer for a slot would otherwise send its create on a connection the
+        # server is closing, and httpx does not retry a POST that met a reset
+        limits = httpx.Limits(
+            max_connections=256, max_keepalive_connections=256, keepalive_expiry=2.0
+        )
         async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
             cpu = time.thread_time()
             wall = time.perf_counter()
