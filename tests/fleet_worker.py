@@ -3,11 +3,11 @@
 Usage::
 
     python tests/fleet_worker.py run URL REDIS NAMESPACE JOBS CONCURRENCY DURATION INTERVAL TTL
-    python tests/fleet_worker.py hold URL REDIS NAMESPACE SLOTS INTERVAL TTL
+    python tests/fleet_worker.py hold URL REDIS NAMESPACE SLOTS INTERVAL TTL [EXTRA]
 
 ``run`` submits JOBS jobs of DURATION seconds through ``gate.submit`` with CONCURRENCY tasks
 and prints one JSON line with what it saw. ``hold`` takes SLOTS slots, prints ``HELD`` and
-sleeps with them until killed.
+sleeps with them until killed, while EXTRA more tasks wait in the fleet's queue.
 """
 
 from __future__ import annotations
@@ -86,21 +86,26 @@ async def run(
 
 
 async def hold(
-    url: str, redis_url: str, namespace: str, slots: int, interval: float, ttl: float
+    url: str, redis_url: str, namespace: str, slots: int, interval: float, ttl: float, extra: int
 ) -> None:
     gate = _gate(url, redis_url, namespace, interval, ttl)
     async with anyio.create_task_group() as tg:
         ready = 0
+        all_in = anyio.Event()
 
         async def holder() -> None:
             nonlocal ready
-            async with gate.slot(timeout=30):
+            async with gate.slot(timeout=3600):
                 ready += 1
                 if ready == slots:
                     print("HELD", flush=True)
+                    all_in.set()
                 await anyio.sleep(3600)
 
         for _ in range(slots):
+            tg.start_soon(holder)
+        await all_in.wait()
+        for _ in range(extra):  # queued behind the holders; they die with the process
             tg.start_soon(holder)
 
 
@@ -125,8 +130,17 @@ def main(argv: list[str]) -> None:
             float(ttl),
         )
     elif mode == "hold":
-        slots, interval, ttl = rest
-        anyio.run(hold, url, redis_url, namespace, int(slots), float(interval), float(ttl))
+        slots, interval, ttl, *extra = rest
+        anyio.run(
+            hold,
+            url,
+            redis_url,
+            namespace,
+            int(slots),
+            float(interval),
+            float(ttl),
+            int(extra[0]) if extra else 0,
+        )
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

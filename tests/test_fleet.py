@@ -604,15 +604,17 @@ def test_processes_share_one_gate(namespace) -> None:
 
 @pytest.mark.slow
 async def test_killed_process_slots_come_back_within_lease_ttl(make_gate, namespace) -> None:
-    """A process SIGKILLed while holding every slot: they are granted again within lease_ttl."""
+    """A process SIGKILLed holding every slot, with waiters queued: the slots come back to
+    the live gate within lease_ttl (the dead waiters do not take them)."""
     fake = FakeScheduler({"a@x.io": 2}, job_duration=0.3)
     ttl = 1.5
     with serve(fake) as url:
-        proc = _spawn("hold", url, REDIS_URL, namespace, 2, 0.15, ttl)
+        proc = _spawn("hold", url, REDIS_URL, namespace, 2, 0.15, ttl, 3)
         try:
             line = await anyio.to_thread.run_sync(proc.stdout.readline)  # type: ignore[union-attr]
             assert line.strip() == "HELD"
             gate = make_gate(url, lease_ttl=ttl)
+            await _eventually(lambda: _at_least(namespace, 3))
             with pytest.raises(SlotTimeout):
                 async with gate.slot(timeout=0.5):
                     pass

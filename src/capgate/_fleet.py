@@ -288,6 +288,7 @@ class Fleet:
         self._prefix = store.key_prefix(gate._token.reveal(), gate.service, gate.url)
         self._owner = uuid.uuid4().hex
         self._ttl = store.lease_ttl
+        self._hb = store.heartbeat_ttl
         self._grace = store.recovery_grace
         self._strategy = str(gate._strategy)
         self._pref = json.dumps(list(gate._accounts or ()))
@@ -347,7 +348,7 @@ class Fleet:
     def _dispatch_args(self) -> tuple[str | float, ...]:
         return (
             self._owner,
-            self._ttl,
+            self._hb,
             self._grace,
             INVALIDATE_FLOOR,
             self._strategy,
@@ -657,7 +658,10 @@ class Fleet:
         """Poll if the fleet's lock is ours; ``None`` when another process polls (or none due)."""
         gate = self._gate
         token = f"{self._owner}:{next(self._lock_ids)}"
-        lock_ms = int((gate._poll_timeout + LOCK_MARGIN) * 1000)
+        # the lock outlives any poll that is not unusually slow; a poller killed mid-request
+        # holds the fleet up no longer than this
+        lock_s = min(gate._poll_timeout + 1.0, max(3.0, 3 * gate._poll_interval))
+        lock_ms = int(lock_s * 1000)
         try:
             begin = await self._run("begin_poll", token, lock_ms, int(force), self._grace)
         except _redis.RedisError as exc:
@@ -735,7 +739,7 @@ class Fleet:
                     json.dumps(limits),
                     json.dumps([j.job_id for j in snapshot.executing]),
                     self._owner,
-                    self._ttl,
+                    self._hb,
                     self._grace,
                     INVALIDATE_FLOOR,
                     self._strategy,
@@ -758,12 +762,12 @@ class Fleet:
         return snapshot
 
     async def _unlock(self, token: str) -> None:
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(5),
-            contextlib.suppress(_redis.RedisError),
-        ):
-            await self._run("unlock", token)
+        """Release the poll lock; if Redis is unreachable, the renewal thread retries."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self._run("unlock", token)
+            except _redis.RedisError:
+                self._record(_Op("unlock", reason=token))
 
     async def _poll_failed(
         self, token: str, exc: PollError | AuthenticationError, *, auth: bool
@@ -981,7 +985,13 @@ class Fleet:
             if not held and not wids:
                 return
             reply = self._call(
-                "renew", self._owner, self._ttl, self._grace, json.dumps(held), json.dumps(wids)
+                "renew",
+                self._owner,
+                self._ttl,
+                self._grace,
+                json.dumps(held),
+                json.dumps(wids),
+                self._hb,
             )
         if reply.get("reasserted"):
             log.warning(

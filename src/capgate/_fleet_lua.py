@@ -166,7 +166,9 @@ local function free_map()
   return order, free, total
 end
 
--- one pass over the global queue, in order: the earliest eligible waiter gets each slot
+-- one pass over the global queue, in order: the earliest eligible waiter gets each slot.
+-- ttl is the heartbeat ttl: a grant its owner does not pick up expires as fast as a dead
+-- process's waiters do; once picked up, the owner renews it as a lease
 local function dispatch(epoch, ttl, strategy, pref)
   if NOW < mget('grace_until', 0) or NOW >= mget('fresh_until', 0) then return 0 end
   if redis.call('ZCARD', P .. 'queue') == 0 then return 0 end
@@ -277,7 +279,7 @@ local function state(known_tick)
 end
 """
 
-# ARGV: owner, ttl, grace, floor, strategy, pref (json list), known sent_tick,
+# ARGV: owner, heartbeat ttl, grace, floor, strategy, pref (json list), known sent_tick,
 #       waiters (json list of [wid, priority, allowed list or false])
 SYNC = r"""
 local owner, ttl, grace, floor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -401,7 +403,7 @@ return '{}'
 """
 
 # ARGV: op, lease id, account, job id, waiter id, seconds, reason,
-#       owner, ttl, grace, floor, strategy, pref
+#       owner, heartbeat ttl, grace, floor, strategy, pref (op 'unlock': the token in reason)
 OP = r"""
 local op, id, account = ARGV[1], ARGV[2], ARGV[3]
 local ttl, floor = tonumber(ARGV[9]), tonumber(ARGV[11])
@@ -450,15 +452,19 @@ elseif op == 'restore' then
   if redis.call('HDEL', P .. 'quar', account) == 1 then changed = true; PUB_ALL = true end
 elseif op == 'invalidate' then
   soon_poll(floor)
+elseif op == 'unlock' then
+  if redis.call('GET', P .. 'lock') == ARGV[7] then redis.call('DEL', P .. 'lock') end
+  PUB_ALL = true
 end
 if changed then dispatch(epoch, ttl, ARGV[12], cjson.decode(ARGV[13])) end
 publish()
 return '{}'
 """
 
-# ARGV: owner, ttl, grace, held leases (json list of [id, account, wid]), waiter ids (json)
+# ARGV: owner, lease ttl, grace, held leases (json list of [id, account, wid]),
+#       waiter ids (json), heartbeat ttl
 RENEW = r"""
-local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local owner, ttl, hb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[6])
 local epoch = ensure_epoch(tonumber(ARGV[3]))
 local reasserted = 0
 for _, l in ipairs(cjson.decode(ARGV[4])) do
@@ -479,13 +485,13 @@ for _, l in ipairs(cjson.decode(ARGV[4])) do
 end
 for _, wid in ipairs(cjson.decode(ARGV[5])) do
   if redis.call('HEXISTS', P .. 'wait', wid) == 1 then
-    redis.call('ZADD', P .. 'whb', NOW + ttl, wid)
+    redis.call('ZADD', P .. 'whb', NOW + hb, wid)
   end
   local g = redis.call('HGET', P .. 'granted', wid)
   if g then
     local gid = cjson.decode(g)[1]
     if redis.call('ZSCORE', P .. 'lexp', gid) then
-      redis.call('ZADD', P .. 'lexp', NOW + ttl, gid)
+      redis.call('ZADD', P .. 'lexp', NOW + hb, gid)
     end
   end
 end

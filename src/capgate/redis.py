@@ -56,6 +56,8 @@ class RedisStore:
             ``<namespace>:{<hash of token, service and url>}:<name>``, never the token itself.
         lease_ttl: Seconds a slot stays reserved for a holder that stopped renewing it (a
             crashed process); live holders renew every ``min(lease_ttl / 4, 1)`` seconds.
+            A crashed process's waiters leave the queue sooner, after
+            ``min(lease_ttl, 5)`` seconds without renewal.
         recheck_interval: Seconds between fallback re-checks while waiting, for wake-up
             messages that were missed.
         recovery_grace: Seconds after Redis lost its data (a restart without persistence)
@@ -90,6 +92,8 @@ class RedisStore:
         self.lease_ttl = _positive("lease_ttl", lease_ttl)
         self.recheck_interval = _positive("recheck_interval", recheck_interval)
         self.renew_interval = min(self.lease_ttl / 4, 1.0)
+        #: seconds a waiter (or a grant not yet picked up) outlives its process's last renewal
+        self.heartbeat_ttl = min(self.lease_ttl, max(5.0, 4 * self.renew_interval))
         self.recovery_grace = (
             self.renew_interval + 0.5
             if recovery_grace is None
