@@ -106,3 +106,27 @@ async def test_faults_over_http_are_retried(served):
             async with gate.slot() as slot:
                 assert slot.account in (A, B)
         assert gate.statistics().polls_failed == 2
+
+
+async def test_aclose_during_a_slow_poll(served):
+    """Closing the gate while its poll is on the wire fails the waiter with GateClosed."""
+    from capgate import GateClosed
+
+    fake, url = served
+    fake.latency = 0.5
+    gate = CapacityGate(fake.token, url=url, poll_interval=P)
+    errors: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            async with gate.slot():
+                pass  # pragma: no cover
+        except GateClosed as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()  # the request is on the wire
+            await gate.aclose()
+    assert len(errors) == 1
