@@ -1148,3 +1148,21 @@ async def test_waiter_cancelled_mid_poll_hands_polling_on(make_gate):
         second.release.set()
     assert not first.granted.is_set()
     assert gate.statistics().waiting == 0
+
+
+async def test_nesting_two_gates_is_fine(make_gate):
+    """Only nesting the same gate is refused: one task may hold slots of two gates."""
+    first, _ = make_gate({A: 1})
+    second, _ = make_gate({B: 1})
+    async with first as a, second as b:
+        assert (a, b) == (A, B)
+
+
+@pytest.mark.trio_only
+async def test_retry_after_is_capped_at_an_hour(make_gate):
+    """An absurd Retry-After (a day) delays the next poll by an hour at most."""
+    gate, fake = make_gate({A: 1}, poll_interval=5.0)
+    fake.inject(Fault(status=503, body={"error": "later"}, headers={"Retry-After": "86400"}))
+    async with gate.slot():
+        pass
+    assert fake.poll_times[1] - fake.poll_times[0] == pytest.approx(3600)
