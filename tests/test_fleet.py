@@ -626,4 +626,5 @@ async def test_killed_process_slots_come_back_within_lease_ttl(make_gate, namesp
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.communicate(timeout=10)
-    assert back <= ttl + 0.15 + 1.0, back
+    # lease_ttl after its last renewal, then one poll (renewals every ttl / 4)
+    assert back <= ttl + 1.0, back

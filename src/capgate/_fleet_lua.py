@@ -125,7 +125,8 @@ local function reclaim(floor)
       changed = true
     end
   end
-  if changed then soon_poll(floor) end
+  -- no floor here: reclaims are rare, and the slots come back only with the next poll
+  if changed then soon_poll(0) end
   for _, wid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'whb', '-inf', NOW)) do
     remove_waiter(wid)
   end
