@@ -130,3 +130,15 @@ async def test_aclose_during_a_slow_poll(served):
             await anyio.wait_all_tasks_blocked()  # the request is on the wire
             await gate.aclose()
     assert len(errors) == 1
+
+
+async def test_oversized_answer_is_a_failed_poll(served):
+    """An answer over 1 MiB from a real server is refused as a failed poll, then retried."""
+    fake, url = served
+    fake.inject(Fault(body=b" " * (2 * 1024 * 1024) + b"{}"))
+    gate = CapacityGate(fake.token, url=url, poll_interval=P)
+    async with aclosing(gate):
+        with anyio.fail_after(30):
+            async with gate.slot():
+                pass
+        assert gate.statistics().polls_failed == 1
