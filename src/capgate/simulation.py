@@ -16,7 +16,8 @@ Every dispatcher sees the same job list, the same arrival times and the same out
 one request), so their figures compare directly:
 
 - ``capgate``: a :class:`~capgate.CapacityGate` with the scenario's ``poll_interval``, one
-  task per worker; with ``callbacks=True`` every finished job calls ``gate.invalidate()``.
+  task per worker, creating through ``gate.submit()`` (a 429 is retried on a fresh slot);
+  with ``callbacks=True`` every job of ours that finishes calls ``gate.invalidate()``.
 - ``retry-429``: submit to a random account; on 429 sleep 10 s and retry (useapi's scripts).
 - ``poll-first``: poll before each submit, take the first listed account, sleep 20 s when
   none is free or the create answers 429; no local bookkeeping (useapi's MiniMax script).
