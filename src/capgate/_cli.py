@@ -168,12 +168,20 @@ def _console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _summary(
-    result: SimulationResult, title: str, *, peak: dict[str, int] | None = None
+    result: SimulationResult,
+    title: str,
+    *,
+    peak: dict[str, int] | None = None,
+    busy_share: dict[str, float] | None = None,
 ) -> RenderableType:
     from rich.console import Group
     from rich.panel import Panel
@@ -188,11 +196,12 @@ def _summary(
     table.add_column()
     table.add_row(
         "scenario",
-        f"{s.jobs} jobs of {low:g}-{high:g} s, {s.workers or s.jobs} workers, seed {s.seed}",
+        f"{_count(s.jobs, 'job')} of {low:g}-{high:g} s, {_count(s.workers or s.jobs, 'worker')}, "
+        f"seed {s.seed}",
     )
     table.add_row(
         "accounts",
-        f"maxJobs {'+'.join(map(str, s.accounts))} = {s.capacity} slots, "
+        f"maxJobs {'+'.join(map(str, s.accounts))} = {_count(s.capacity, 'slot')}, "
         f"poll every {s.poll_interval:g} s",
     )
     table.add_row("makespan", Text(_duration(result.makespan), style="bold"))
@@ -202,11 +211,13 @@ def _summary(
             table.add_row(
                 label, f"{_duration(bound)}, so +{result.makespan / bound - 1:.1%} longer"
             )
-    shares = []
-    for account, series in timeline.busy.items():
-        cap = timeline.capacity[account]
-        if series:
-            shares.append(f"{account.split('@')[0]} {sum(series) / (cap * len(series)):.0%}")
+    if busy_share is None:  # from the timeline's samples
+        busy_share = {
+            account: sum(series) / (timeline.capacity[account] * len(series))
+            for account, series in timeline.busy.items()
+            if series
+        }
+    shares = [f"{a.split('@')[0]} {share:.0%}" for a, share in busy_share.items()]
     table.add_row(
         "slot utilisation",
         f"{result.utilisation:.1%}" + (f"  ({', '.join(shares)})" if shares else ""),
@@ -277,13 +288,15 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "real CapacityGate polls it; no token and no network needed."
     )
     wall = time.perf_counter()
-    result, peak = anyio.run(
+    outcome = anyio.run(
         lambda: run_demo(
             scenario, console, on_url=lambda url: console.print(f"simulator at [cyan]{url}[/]")
         )
     )
     wall = time.perf_counter() - wall
-    console.print(_summary(result, f"capgate demo: done in {wall:.1f} s", peak=peak))
+    result = outcome.result
+    title = f"capgate demo: done in {wall:.1f} s"
+    console.print(_summary(result, title, peak=outcome.peak, busy_share=outcome.busy_share))
     if result.rejected_429:
         console.print(
             f"[bold red]{result.rejected_429} create requests met a 429: "

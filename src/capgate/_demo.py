@@ -36,7 +36,7 @@ from .testing import FakeJob, FakeScheduler, serve
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-__all__ = ["DEMO_SCENARIO", "run_demo"]
+__all__ = ["DEMO_SCENARIO", "DemoOutcome", "run_demo"]
 
 #: The default ``capgate simulate`` scenario played 50 times faster: 30-120 s jobs become
 #: 0.6-2.4 s and the 5 s poll interval becomes 0.1 s, so 120 jobs end in about 20 s.
@@ -65,6 +65,23 @@ def _read_jobs(fake: FakeScheduler) -> list[FakeJob]:
         except RuntimeError:  # pragma: no cover - the dict changed size while copying
             continue
     return []  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    """What :func:`run_demo` measured.
+
+    Attributes:
+        result: The figures, as :class:`~capgate.simulation.SimulationResult` defines them
+            (``oracle_makespan`` is ``None``; the timeline holds the display's samples).
+        peak: The most jobs that ever ran at once on each account (the simulator's exact
+            count, not a sample).
+        busy_share: Each account's busy slot-seconds over ``maxJobs * makespan``, exact.
+    """
+
+    result: SimulationResult
+    peak: dict[str, int]
+    busy_share: dict[str, float]
 
 
 @dataclass
@@ -98,6 +115,14 @@ class _Run:
             self.busy.setdefault(account, []).append(n)
         self.waiting.append(waiting)
         return busy, done, waiting
+
+    def busy_share(self, makespan: float) -> dict[str, float]:
+        busy = dict.fromkeys(self.scenario.account_names, 0.0)
+        for job in _read_jobs(self.fake):
+            if job.job_id in self.ours:
+                busy[job.account] += job.end - job.start
+        caps = dict(zip(self.scenario.account_names, self.scenario.accounts, strict=True))
+        return {a: b / (caps[a] * makespan) if makespan > 0 else 0.0 for a, b in busy.items()}
 
     def result(self) -> SimulationResult:
         scenario = self.scenario
@@ -195,7 +220,7 @@ async def run_demo(
     console: Console,
     *,
     on_url: Callable[[str], None] | None = None,
-) -> tuple[SimulationResult, dict[str, int]]:
+) -> DemoOutcome:
     """Serve a fake on loopback, run ``scenario`` through a gate over HTTP, show it live.
 
     Args:
@@ -204,9 +229,7 @@ async def run_demo(
         on_url: Called with the simulator's scheduler URL once it listens.
 
     Returns:
-        The figures, measured on the simulator's true state (``oracle_makespan`` is
-        ``None``; the timeline holds the display's samples), and the most jobs that ever
-        ran at once on each account (the simulator's exact count, not a sample).
+        The figures, measured on the simulator's true state.
     """
     from rich.live import Live
 
@@ -273,7 +296,8 @@ async def run_demo(
                 finally:
                     live.update(_render(run), refresh=True)
                     await gate.aclose()
-    return run.result(), dict(fake.peak)
+    result = run.result()
+    return DemoOutcome(result, dict(fake.peak), run.busy_share(result.makespan))
 
 
 def _last_end(run: _Run) -> float:
