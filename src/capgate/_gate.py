@@ -43,7 +43,7 @@ from ._errors import (
 )
 from ._ledger import Ledger, Reservation
 from ._models import AccountStatistics, GateStatistics, Snapshot
-from ._poll import check_url, fetch_snapshot
+from ._poll import Secret, check_url, fetch_snapshot
 from ._services import get_service
 from ._strategy import STRATEGIES, Candidate, Picker, Strategy
 
@@ -129,24 +129,6 @@ def _make_fleet(gate: CapacityGate, store: object) -> Fleet:
     if not isinstance(store, RedisStore):
         raise TypeError(f"store must be a capgate.redis.RedisStore, not {type(store).__name__}")
     return Fleet(gate, store)
-
-
-class _Secret:
-    """Holds the token so that no repr, ``vars()`` dump or traceback local shows it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the API token cannot be pickled")
 
 
 class _Waiter:
@@ -447,7 +429,7 @@ class CapacityGate:
         if self._jitter > 1:
             raise ValueError(f"jitter must be between 0 and 1, got {jitter!r}")
 
-        self._token = _Secret(token)
+        self._token = Secret(token)
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient(follow_redirects=False)
         self._rng = random.Random()
@@ -1145,15 +1127,15 @@ class CapacityGate:
                 snapshot, skipped = await fetch_snapshot(
                     self._client,
                     self._url,
-                    self._token.reveal(),
+                    self._token,
                     self._service,
                     timeout=self._poll_timeout,
                 )
             except CapacityGateError:
                 raise
             except Exception as exc:  # e.g. a custom transport's own bug: still a failed poll
-                raise PollError(
-                    f"{self.service}: unexpected {type(exc).__name__} while polling: {exc}"
+                raise PollError(  # str(exc) left out: it could echo what was sent
+                    f"{self.service}: unexpected {type(exc).__name__} while polling"
                 ) from exc
         except AuthenticationError as exc:
             inflight.error = exc

@@ -21,13 +21,41 @@ from ._models import SkippedRow, Snapshot, parse_snapshot
 from ._services import Service
 from ._version import __version__
 
-__all__ = ["MAX_BODY_BYTES", "check_url", "fetch_snapshot", "parse_retry_after"]
+__all__ = ["MAX_BODY_BYTES", "Secret", "check_url", "fetch_snapshot", "parse_retry_after"]
 
 MAX_BODY_BYTES = 1024 * 1024
 #: past MAX_BODY_BYTES an answer is read and dropped up to this size, then cut off
 MAX_DRAIN_BYTES = 16 * MAX_BODY_BYTES
 MAX_REDIRECTS = 5
 USER_AGENT = f"capgate/{__version__}"
+
+
+class Secret:
+    """Holds the token so that no repr, ``vars()`` dump or traceback's locals show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("the API token cannot be pickled")
+
+
+def _headers(secret: Secret) -> dict[str, str]:
+    # built in its own frame so that no local of fetch_snapshot holds the token in clear:
+    # httpx.Headers masks Authorization in its repr, a plain dict would not
+    return {
+        "Authorization": f"Bearer {secret.reveal()}",
+        "Accept": "application/json",
+        "User-Agent": USER_AGENT,
+    }
 
 
 def _is_loopback(host: str) -> bool:
@@ -138,7 +166,7 @@ async def _read_limited(response: httpx.Response, service: str) -> bytes:
 async def fetch_snapshot(
     client: httpx.AsyncClient,
     url: httpx.URL,
-    token: str,
+    token: Secret | str,
     service: Service,
     *,
     timeout: float,
@@ -148,7 +176,7 @@ async def fetch_snapshot(
     Args:
         client: The client to send with.
         url: The endpoint (validated by :func:`check_url`).
-        token: The API token; sent only to ``url``'s origin.
+        token: The API token (best as a :class:`Secret`); sent only to ``url``'s origin.
         service: Field names to parse with.
         timeout: Seconds the whole exchange may take (also bounds in-memory transports).
 
@@ -161,16 +189,13 @@ async def fetch_snapshot(
     """
     name = service.name
     requested_at = anyio.current_time()
-    headers = {
-        "Authorization": f"Bearer {token}",
-        "Accept": "application/json",
-        "User-Agent": USER_AGENT,
-    }
+    secret = token if isinstance(token, Secret) else Secret(token)
+    del token  # from here on only the Secret, whose repr hides it
     target = url
     try:
         with anyio.fail_after(timeout):
             for _ in range(MAX_REDIRECTS + 1):
-                request = client.build_request("GET", target, headers=headers)
+                request = client.build_request("GET", target, headers=_headers(secret))
                 response = await client.send(request, stream=True, follow_redirects=False)
                 try:
                     if response.is_redirect:
@@ -189,14 +214,16 @@ async def fetch_snapshot(
                     await response.aclose()
                 break
             else:
-                raise PollError(f"{name}: more than {MAX_REDIRECTS} redirects")
+                raise PollError(f"{name}: more than {MAX_REDIRECTS} redirects")  # noqa: TRY301
     except TimeoutError:
         raise PollError(f"{name}: no answer within {timeout:g} s") from None
     except httpx.TimeoutException as exc:
         raise PollError(f"{name}: timed out ({type(exc).__name__})") from exc
-    except httpx.HTTPError as exc:
+    except PollError:
+        raise
+    except Exception as exc:  # httpx's errors, or a custom transport's own: a failed poll
         raise PollError(
-            f"{name}: {type(exc).__name__}: {_excerpt(str(exc), secret=token)}"
+            f"{name}: {type(exc).__name__}: {_excerpt(str(exc), secret=secret.reveal())}"
         ) from exc
 
     status = response.status_code
@@ -207,7 +234,7 @@ async def fetch_snapshot(
     except (ValueError, UnicodeDecodeError) as exc:
         decode_error = f"not JSON ({type(exc).__name__})"
 
-    error = _error_text(data, token)
+    error = _error_text(data, secret.reveal())
     if status in (401, 403):
         raise AuthenticationError(
             f"{name}: the API token was refused (HTTP {status}" + (f": {error})" if error else ")"),
@@ -216,7 +243,9 @@ async def fetch_snapshot(
     if status != 200:
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         detail = error or (
-            _excerpt(body.decode("utf-8", "replace"), secret=token) if body else "empty body"
+            _excerpt(body.decode("utf-8", "replace"), secret=secret.reveal())
+            if body
+            else "empty body"
         )
         raise PollError(
             f"{name}: HTTP {status}: {detail}", status_code=status, retry_after=retry_after
