@@ -7,7 +7,8 @@ Two measurements, printed as tables and written as JSON:
    through fleet gates against one ``capgate.testing.FakeScheduler`` served over loopback HTTP
    and one Redis. Reported: jobs done, 429s, scheduler requests per job (polls and creates
    over jobs), polls per poll interval over the run, and slot utilisation (busy slot-seconds
-   over capacity x makespan, makespan from the first poll to the last job's end).
+   over capacity x makespan, makespan from the first poll to the last job's end). The
+   first row is the baseline: one process with the in-process ledger (no Redis).
 2. **Grant cost.** In this one process, on asyncio: one grant and release (``async with
    gate.slot(): pass``) on a fresh snapshot with room, through the in-process ledger and
    through Redis, in the same run; reported in microseconds and as a ratio.
@@ -57,10 +58,10 @@ def _cleanup(namespace: str) -> None:
 
 
 def processes_row(
-    n: int, jobs: int, concurrency: int, duration: float, interval: float
+    n: int, jobs: int, concurrency: int, duration: float, interval: float, *, fleet: bool = True
 ) -> dict[str, Any]:
-    """One run of ``n`` worker processes sharing the load."""
-    namespace = f"capgate-bench-{uuid.uuid4().hex[:10]}"
+    """One run of ``n`` worker processes sharing the load (``fleet=False``: no store)."""
+    namespace = f"capgate-bench-{uuid.uuid4().hex[:10]}" if fleet else "-"
     fake = FakeScheduler(ACCOUNTS, job_duration=duration)
     per_jobs = [jobs // n + (1 if i < jobs % n else 0) for i in range(n)]
     per_tasks = [max(1, concurrency // n + (1 if i < concurrency % n else 0)) for i in range(n)]
@@ -102,6 +103,7 @@ def processes_row(
     busy = sum(j.end - j.start for j in ours)
     capacity = sum(ACCOUNTS.values())
     return {
+        "store": "redis" if fleet else "in-process",
         "processes": n,
         "jobs": jobs,
         "done": sum(r["done"] for r in results),
@@ -183,7 +185,8 @@ def main() -> None:
         f"# {jobs} jobs of {duration} s, {concurrency} tasks in all, accounts "
         f"{ACCOUNTS} ({sum(ACCOUNTS.values())} slots), poll_interval {interval} s"
     )
-    rows = [processes_row(n, jobs, concurrency, duration, interval) for n in (1, 4, 16)]
+    rows = [processes_row(1, jobs, concurrency, duration, interval, fleet=False)]
+    rows += [processes_row(n, jobs, concurrency, duration, interval) for n in (1, 4, 16)]
     cols = list(rows[0])
     print(" | ".join(cols))
     for row in rows:

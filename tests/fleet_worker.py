@@ -6,8 +6,9 @@ Usage::
     python tests/fleet_worker.py hold URL REDIS NAMESPACE SLOTS INTERVAL TTL [EXTRA]
 
 ``run`` submits JOBS jobs of DURATION seconds through ``gate.submit`` with CONCURRENCY tasks
-and prints one JSON line with what it saw. ``hold`` takes SLOTS slots, prints ``HELD`` and
-sleeps with them until killed, while EXTRA more tasks wait in the fleet's queue.
+and prints one JSON line with what it saw (NAMESPACE ``-``: no store, the in-process ledger).
+``hold`` takes SLOTS slots, prints ``HELD`` and sleeps with them until killed, while EXTRA
+more tasks wait in the fleet's queue.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ TOKEN = "fake-token"
 
 
 def _gate(url: str, redis_url: str, namespace: str, interval: float, ttl: float) -> CapacityGate:
+    if namespace == "-":  # the in-process ledger, as a baseline
+        return CapacityGate(TOKEN, url=url, poll_interval=interval, jitter=0.0)
     store = RedisStore(redis_url, namespace=namespace, lease_ttl=ttl, recovery_grace=0.3)
     return CapacityGate(TOKEN, url=url, poll_interval=interval, jitter=0.0, store=store)
 
