@@ -37,6 +37,7 @@ imported when a simulation runs.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -391,10 +392,11 @@ async def run_scenario(
             seed=scenario.seed,
             job_duration=scenario.duration,
         )
+    nudge = _Nudge()
     own_client = client is None
     if client is None:
-        client = httpx.AsyncClient(transport=_transport(fake, scenario))
-    env = _Env(scenario, fake, client, url or fake.url)
+        client = httpx.AsyncClient(transport=_transport(fake, scenario, nudge))
+    env = _Env(scenario, fake, client, url or fake.url, nudge)
     try:
         with anyio.fail_after(_time_limit(scenario)):
             await _RUNNERS[dispatcher](env)
@@ -410,20 +412,36 @@ async def run_scenario(
     return env.result(label)
 
 
-def _transport(fake: FakeScheduler, scenario: Scenario) -> httpx.MockTransport:
+def _transport(fake: FakeScheduler, scenario: Scenario, nudge: _Nudge) -> httpx.MockTransport:
     """The fake's transport, every request taking ``scenario.latency`` seconds."""
     if not scenario.latency:
         return fake.transport()
-    # not the fake's own latency=: trio orders timers due at the same instant by object
-    # address, so concurrent requests of equal latency would finish in an order that differs
-    # from run to run; a seeded sub-microsecond nudge makes it repeat
-    nudge = random.Random(f"{scenario.seed}:latency")
 
+    # not the fake's own latency=, whose equal sleeps would tie (see _Nudge)
     async def handle(request: httpx.Request) -> httpx.Response:
-        await anyio.sleep(scenario.latency + nudge.uniform(0, 1e-6))
+        await anyio.sleep(scenario.latency + nudge())
         return await fake.handle(request)
 
     return httpx.MockTransport(handle)
+
+
+class _Nudge:
+    """Sub-microsecond offsets that make every fixed-length sleep end at its own instant.
+
+    trio orders timers due at the same instant by their objects' addresses, which differ from
+    run to run and process to process, so hundreds of tasks sleeping exactly 10 s (or
+    requests of equal latency) would wake in a different order each time. Adding a strictly
+    growing multiple of a nanosecond to each such sleep keeps deadlines apart (later sleeps
+    end later, never at the same instant), so the order, and every figure, repeats.
+    """
+
+    __slots__ = ("_count",)
+
+    def __init__(self) -> None:
+        self._count = itertools.count(1)
+
+    def __call__(self) -> float:
+        return next(self._count) * 1e-9
 
 
 def _time_limit(scenario: Scenario) -> float:
@@ -446,9 +464,15 @@ class _Env:
     """One run: the jobs, the fake, and the HTTP both sides speak (internal)."""
 
     def __init__(
-        self, scenario: Scenario, fake: FakeScheduler, client: httpx.AsyncClient, url: str
+        self,
+        scenario: Scenario,
+        fake: FakeScheduler,
+        client: httpx.AsyncClient,
+        url: str,
+        nudge: _Nudge,
     ) -> None:
         self.scenario = scenario
+        self.nudge = nudge
         self.fake = fake
         self.client = client
         self.url = url
@@ -466,18 +490,12 @@ class _Env:
         self.requests0 = fake.requests
         self.polls0 = fake.polls
         self.rejected0 = fake.rejected_429
-        self._tiebreak = self.rng("tiebreak")
         for at, account, duration in scenario.outside_load():
             fake.add_outside_job(account, duration, at=self.t0 + at)
 
     async def pause(self, seconds: float) -> None:
-        """A baseline's fixed sleep, nudged by under a microsecond.
-
-        trio orders timers that expire at the same instant by their objects' addresses, so
-        hundreds of tasks sleeping exactly 10 s would wake in an order that differs from run
-        to run; a seeded nudge makes the order, and so every figure, repeat.
-        """
-        await anyio.sleep(seconds + self._tiebreak.uniform(0, 1e-6))
+        """A baseline's fixed sleep, ending at an instant of its own (see :class:`_Nudge`)."""
+        await anyio.sleep(seconds + self.nudge())
 
     def rng(self, purpose: str) -> random.Random:
         return random.Random(f"{self.scenario.seed}:{purpose}")
