@@ -539,6 +539,26 @@ async def test_unreachable_redis_fails_closed_and_recovers(
     assert any(e["event"] == "capgate.store_recovered" for e in logs)
 
 
+async def test_a_new_redis_run_holds_grants_for_the_recovery_grace(
+    make_gate, fake_url, namespace
+) -> None:
+    """A server restart that kept (possibly stale) data still waits out the grace."""
+    _, url = fake_url
+    gate = make_gate(url, recovery_grace=1.0)
+    async with gate.slot(timeout=5):
+        pass
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in client.scan_iter(match=f"{namespace}:*:meta"):
+            client.hset(key, "run_id", "a-previous-server-run")
+    finally:
+        client.close()
+    started = time.monotonic()
+    async with gate.slot(timeout=5):
+        waited = time.monotonic() - started
+    assert 0.9 <= waited < 2.5
+
+
 @pytest.mark.slow
 async def test_redis_restart_mid_run_grants_nothing_twice(
     make_gate, fake_url, private_redis

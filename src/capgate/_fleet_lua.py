@@ -9,7 +9,7 @@ never grants or counts anything twice.
 Keys under the prefix ``P``:
 
 =============  ======  ==========================================================
-``meta``       hash    epoch, grace_until, tick, lid, arrivals, sent_tick, sent_at,
+``meta``       hash    epoch, run_id, grace_until, tick, lid, arrivals, sent_tick, sent_at,
                        fresh_until, next_poll_at, last_sent, failures, polls,
                        polls_failed, last_error, auth_at/auth_msg/auth_status,
                        rr_last, grants, snap (the latest snapshot as JSON)
@@ -48,12 +48,22 @@ local function num(v, d) if v then return tonumber(v) end return d end
 local function mget(f, d) return num(redis.call('HGET', M, f), d) end
 local function tick() return redis.call('HINCRBY', M, 'tick', 1) end
 
+-- A new epoch begins when the data is gone (a restart without persistence, a flush); a new
+-- server run_id with the data still there (a restart that reloaded a snapshot, which may be
+-- older than the last grants) starts a grace too. Either way nothing is granted for `grace`
+-- seconds while live holders re-assert their leases.
 local function ensure_epoch(grace)
+  local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
   local e = redis.call('HGET', M, 'epoch')
-  if e then return e end
+  if e then
+    if redis.call('HGET', M, 'run_id') ~= rid then
+      redis.call('HSET', M, 'run_id', rid, 'grace_until', NOW + grace)
+    end
+    return e
+  end
   local t = redis.call('TIME')
   e = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('HSET', M, 'epoch', e, 'grace_until', NOW + grace, 'fresh_until', 0,
+  redis.call('HSET', M, 'epoch', e, 'run_id', rid, 'grace_until', NOW + grace, 'fresh_until', 0,
     'next_poll_at', 0, 'last_sent', 0, 'failures', 0, 'polls', 0, 'polls_failed', 0,
     'sent_tick', 0, 'grants', 0)
   return e
