@@ -85,6 +85,7 @@ def processes_row(
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
+                    env={**os.environ, "FLEET_GRACE": "0.3"},  # no restarts here
                 )
                 for i in range(n)
             ]

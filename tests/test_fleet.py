@@ -623,6 +623,31 @@ def test_processes_share_one_gate(namespace) -> None:
 
 
 @pytest.mark.slow
+def test_processes_survive_a_redis_restart(private_redis) -> None:
+    """3 processes, Redis restarted without its data mid-run: all jobs done, zero 429s."""
+    fake = FakeScheduler({"a@x.io": 3, "b@x.io": 2}, job_duration=0.3)
+    namespace = f"capgate-test-{uuid.uuid4().hex[:12]}"
+    with serve(fake) as url:
+        procs = [
+            _spawn("run", url, private_redis.url, namespace, 12, 4, 0.3, 0.15, 2.0)
+            for _ in range(3)
+        ]
+        time.sleep(2.0)
+        private_redis.stop()
+        time.sleep(0.5)
+        private_redis.start()
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(r["done"] for r in results) == 36
+    assert fake.rejected_429 == 0
+    assert fake.creates == 36
+    assert all(fake.peak[a] <= fake.max_jobs[a] for a in fake.max_jobs)
+
+
+@pytest.mark.slow
 async def test_killed_process_slots_come_back_within_lease_ttl(make_gate, namespace) -> None:
     """A process SIGKILLed holding every slot, with waiters queued: the slots come back to
     the live gate within lease_ttl (the dead waiters do not take them)."""

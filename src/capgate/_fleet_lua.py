@@ -124,6 +124,7 @@ end
 local function reclaim(floor)
   local ids = redis.call('ZRANGEBYSCORE', P .. 'lexp', '-inf', NOW)
   local changed = false
+  local dead = {}
   for _, id in ipairs(ids) do
     redis.call('ZREM', P .. 'lexp', id)
     local rec = lease_get(id)
@@ -133,6 +134,15 @@ local function reclaim(floor)
       lease_put(id, rec)
       clear_grant(rec, id)
       changed = true
+      if rec.o then dead[rec.o] = true end
+    end
+  end
+  -- a process that stopped renewing its leases is gone: so are its waiters (else they
+  -- would be granted the reclaimed slots and hold them for another heartbeat)
+  if next(dead) then
+    local flat = redis.call('HGETALL', P .. 'wait')
+    for i = 1, #flat, 2 do
+      if dead[cjson.decode(flat[i + 1]).o] then remove_waiter(flat[i]) end
     end
   end
   -- no floor here: reclaims are rare, and the slots come back only with the next poll
