@@ -38,19 +38,23 @@ How it works, in one place:
   until it lands: a settle or give-back is never lost.
 - **Crashed holders.** An expired lease is *reclaimed*: it becomes settled at that instant,
   so it still counts until a snapshot requested after the reclaim (its holder may have
-  created the job just before dying), and a poll is brought forward. A dead process's
-  waiters stop heart-beating and leave the queue; a grant nobody picked up expires the same
-  way.
+  created the job just before dying), and the next poll is brought forward to now. Its
+  owner's queued waiters leave the queue with it. Waiters heart-beat with a shorter ttl
+  (``min(lease_ttl, 5)`` s), so a dead process's waiters leave soon even if it held no
+  slot, and a grant nobody picked up expires as fast.
 - **Redis trouble fails closed.** While Redis cannot be reached nothing is granted (grants
   only come from scripts); waiters keep waiting, bounded by their own timeouts; the gate
   logs ``capgate.store_unavailable`` once and ``capgate.store_recovered`` when it is back.
   Every script is idempotent per lease id and waiter id, so a call retried after a lost
   reply does nothing twice, and a waiter that left is tombstoned so a late retry cannot
   enqueue it again. If Redis comes back *without its data* (a restart without persistence),
-  a new epoch begins: nothing is granted for ``recovery_grace`` seconds while live holders
-  re-assert their leases (the renewal script re-creates a lease it does not find), waiters
-  re-enqueue themselves, and the first snapshot is polled afresh. Quarantines and busy marks
-  are lost with the data.
+  a new epoch begins; if it comes back with a new ``run_id`` but reloaded data (which may
+  predate the latest grants), the same caution applies. Either way nothing is granted for
+  ``recovery_grace`` seconds while live holders re-assert their leases (the renewal script
+  re-creates a lease it does not find, and runs at once when a process sees Redis return),
+  waiters re-enqueue themselves, and the first snapshot is polled afresh. Quarantines and
+  busy marks are lost with the data. A poller that dies mid-request holds the poll lock for
+  at most ``min(poll_timeout + 1, max(3, 3 x poll_interval))`` s.
 
 Where this differs from the in-process gate:
 
@@ -60,6 +64,13 @@ Where this differs from the in-process gate:
 - ``statistics()`` and the repr show the fleet's shared state as of this gate's latest
   exchange with Redis (``waiting``, ``held``, ``reserved``, ``free``, ``polls`` are fleet-wide;
   ``grants`` and ``timeouts`` are this gate's own).
+- The very first use of a namespace also waits out ``recovery_grace``: an empty namespace
+  cannot be told from one whose data Redis lost.
+- Redis is called through redis-py's synchronous client in worker threads
+  (``anyio.to_thread``), so fleet mode runs on asyncio and trio alike; a grant and its
+  settle cost about two round trips (``benchmarks/FLEET.md``). Calls that change state are
+  not abandoned on cancellation: a script in flight finishes before its task moves on, so
+  the give-back that follows always runs after it.
 """
 
 from __future__ import annotations
