@@ -318,6 +318,7 @@ class Fleet:
         self._lock_ids = itertools.count(1)
         self._renew_now = False
         self._retry_in: float | None = None
+        self._listen_gen = 0
 
         # shared with the renewal thread
         self._held: dict[str, tuple[str, str]] = {}  # lease id -> (account, wid)
@@ -586,23 +587,30 @@ class Fleet:
         if self._message:
             self._message = False
             return
+        self._listen_gen += 1
+        gen = self._listen_gen
         with anyio.CancelScope() as scope:
             if driver:
                 self._driver_scope = scope
             try:
-                await anyio.to_thread.run_sync(self._listen_sync, timeout, abandon_on_cancel=True)
+                await anyio.to_thread.run_sync(
+                    self._listen_sync, timeout, gen, abandon_on_cancel=True
+                )
             except _redis.RedisError as exc:
                 self._store_down(exc)
                 await anyio.sleep(min(timeout, 0.25))
             finally:
                 if driver and self._driver_scope is scope:
                     self._driver_scope = None
+                if self._listen_gen == gen:
+                    # an abandoned listening thread sees this and returns within a slice
+                    self._listen_gen += 1
         self._message = False
 
-    def _listen_sync(self, timeout: float) -> None:
+    def _listen_sync(self, timeout: float, gen: int) -> None:
         deadline = time.monotonic() + timeout
         with self._ps_lock:
-            if self._closed_store:
+            if self._closed_store or gen != self._listen_gen:
                 return
             try:
                 if self._pubsub is None:
@@ -612,11 +620,12 @@ class Fleet:
                     pubsub.subscribe(self._prefix + "ev")
                     self._pubsub = pubsub
                 mine = self._owner.encode()
-                while not self._message:
+                while not self._message and gen == self._listen_gen:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
-                    message = self._pubsub.get_message(timeout=left)
+                    # short slices: a superseded listen gives the socket up quickly
+                    message = self._pubsub.get_message(timeout=min(left, 0.05))
                     if message is None or message.get("type") != "message":
                         continue
                     data = message.get("data", b"")
