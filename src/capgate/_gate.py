@@ -882,7 +882,9 @@ class CapacityGate:
         waiter = _Waiter(next(self._seq), priority, allowed, now)
         self._enqueue(waiter)
         try:
-            with anyio.move_on_after(math.inf if timeout is None else timeout):
+            # no scope at all without a timeout: it is a waiter's largest piece of memory
+            scope = contextlib.nullcontext() if timeout is None else anyio.move_on_after(timeout)
+            with scope:
                 self._dispatch()
                 while waiter.reservation is None and waiter.error is None:
                     await self._wait_turn(waiter)
@@ -1045,12 +1047,20 @@ class CapacityGate:
         picker = self._picker(now)
         if picker is None:
             return
-        for waiter in self._iter_waiters():
+        # walk the queues in place and grant afterwards: the pass stops as soon as the free
+        # slots run out, so its cost follows the grants, not the length of the queue
+        grants: list[tuple[_Waiter, str]] = []
+        for queue in self._queues.values():
+            for waiter in queue:
+                account = self._pick(picker, waiter.allowed)
+                if account is not None:
+                    grants.append((waiter, account))
+                    if not picker:
+                        break
             if not picker:
                 break
-            account = self._pick(picker, waiter.allowed)
-            if account is not None:
-                self._grant(waiter, account, now)
+        for waiter, account in grants:
+            self._grant(waiter, account, now)
 
     def _candidate(self, account: str, free: int) -> Candidate:
         snapshot = self._ledger.snapshot
