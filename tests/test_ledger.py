@@ -50,6 +50,69 @@ def ledger(clock: Clock) -> Ledger:
     return Ledger(clock)
 
 
+def snap_at(
+    t: float, *rows: tuple[str, int, int], jobs: tuple[tuple[str, str], ...] = ()
+) -> Snapshot:
+    """Like :func:`snap`, requested at ``t``."""
+    base = snap(*rows, jobs=jobs)
+    return Snapshot(base.service, base.accounts, base.executing, t, t)
+
+
+def _lagging_start(ledger: Ledger, clock: Clock) -> None:
+    """job-1 is settled at t=0, missed by a snapshot at t=5, listed by one at t=16."""
+    ledger.apply_snapshot(snap_at(0, ("a", 2, 0)), ledger.tick())
+    first = ledger.reserve("a")
+    ledger.settle(first, "job-1")
+    clock.now = 5
+    ledger.apply_snapshot(snap_at(5, ("a", 2, 0)), ledger.tick())
+    clock.now = 16
+    ledger.apply_snapshot(snap_at(16, ("a", 2, 1), jobs=(("job-1", "a"),)), ledger.tick())
+
+
+def test_counts_that_do_not_lag_teach_no_lag(ledger, clock):
+    """A job listed by the first snapshot after its settle shows no lag: rule 2 holds as is."""
+    ledger.apply_snapshot(snap_at(0, ("a", 2, 0)), ledger.tick())
+    res = ledger.reserve("a")
+    ledger.settle(res, "job-1")
+    clock.now = 5
+    ledger.apply_snapshot(snap_at(5, ("a", 2, 1), jobs=(("job-1", "a"),)), ledger.tick())
+    ended = ledger.reserve("a")
+    ledger.settle(ended, "job-2")  # it ends before the next poll sees it
+    clock.now = 10
+    ledger.apply_snapshot(snap_at(10, ("a", 2, 0)), ledger.tick())
+    assert ledger.lag == 0
+    assert ledger.pending("a") == 0
+
+
+def test_a_job_listed_late_teaches_the_lag(ledger, clock):
+    """A job dropped by rule 2 and listed later shows how far the counts lag."""
+    _lagging_start(ledger, clock)
+    assert ledger.lag == 16
+
+
+def test_once_lag_is_known_a_job_counts_until_listed(ledger, clock):
+    """With a known lag, a reservation with a job id outlives a snapshot that misses it."""
+    _lagging_start(ledger, clock)
+    clock.now = 20
+    res = ledger.reserve("a")
+    ledger.settle(res, "job-2")
+    clock.now = 25
+    ledger.apply_snapshot(snap_at(25, ("a", 2, 0)), ledger.tick())
+    assert ledger.pending("a") == 1
+    assert ledger.free("a") == 1
+
+
+def test_a_lagging_reservation_stops_counting_past_the_lag(ledger, clock):
+    """A reservation still missed more than the known lag after its settle stops counting."""
+    _lagging_start(ledger, clock)
+    clock.now = 20
+    res = ledger.reserve("a")
+    ledger.settle(res, "job-2")
+    clock.now = 37
+    ledger.apply_snapshot(snap_at(37, ("a", 2, 0)), ledger.tick())
+    assert ledger.pending("a") == 0
+
+
 def test_no_snapshot_no_room(ledger):
     """Before any snapshot no account has room."""
     assert ledger.free("a") == 0

@@ -16,6 +16,14 @@ slot's exit). It counts until a snapshot arrives whose request was sent after it
 or, once settled with a job id, until a snapshot lists that job as executing. A reservation
 whose holder never used it is *given back*: it stops counting at once.
 
+Counts that lag. useapi's numbers are its own bookkeeping and may run behind. When a job id
+the ledger stopped counting (by the rule above) shows up as executing in a later snapshot,
+the counts lagged by at most the time from its settle to the snapshot that listed it (and
+by more than the time to the last snapshot that missed it). From then on a reservation with
+a job id keeps counting until its job is listed, or until a snapshot requested more than
+that lag after the settle still misses it (the job ended, or the lag grew). With counts that do not
+lag, nothing is ever learnt and the rule above holds exactly.
+
 "After" is decided by a logical sequence number, not by the clock: every settle, busy mark
 and poll start takes the next tick, so two events at the same (virtual) instant still have an
 order and the rule stays exact.
@@ -24,13 +32,22 @@ order and the rule stays exact.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ._models import AccountCapacity, Snapshot
 
 __all__ = ["Ledger", "Reservation"]
+
+#: a reservation with a job id keeps counting while the snapshot was requested less than
+#: the lag seen so far (times this margin) after the settle
+LAG_MARGIN = 1.0
+#: the lag is the largest of this many recent observations
+LAG_SAMPLES = 32
+#: how long (seconds) and how many dropped job ids are watched for a late listing
+WATCH_FOR = 600.0
+WATCH_MAX = 1024
 
 
 @dataclass
@@ -42,6 +59,8 @@ class Reservation:
     granted_at: float
     settled_tick: int | None = None
     job_id: str | None = None
+    settled_at: float = 0.0
+    missed_at: float | None = None  # a snapshot after settling did not list it yet
 
     @property
     def settled(self) -> bool:
@@ -73,6 +92,9 @@ class Ledger:
         self._snapshot_tick = 0
         self._busy: dict[str, int] = {}  # account -> tick of the 429
         self._quarantine: dict[str, tuple[float | None, str]] = {}  # account -> (until, reason)
+        self._lag = 0.0
+        self._lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)
+        self._watch: dict[str, float] = {}  # dropped job id -> when it was settled
 
     # --- time and ticks ---------------------------------------------------------------
 
@@ -97,15 +119,50 @@ class Ledger:
         self._snapshot = snapshot
         self._snapshot_tick = sent_tick
         self._limits = {row.account: self._limit(row) for row in snapshot.accounts}
+        seen_at = snapshot.requested_at
+        allowance = self._lag * LAG_MARGIN
         for res in list(self._reservations.values()):
-            if res.settled_tick is not None and (
-                res.settled_tick < sent_tick
-                or (res.job_id is not None and snapshot.lists_job(res.job_id))
-            ):
+            if res.settled_tick is None:
+                continue
+            if res.job_id is not None and snapshot.lists_job(res.job_id):
+                if res.missed_at is not None:
+                    self._learn_lag(seen_at - res.settled_at)
                 self._drop(res)
+            elif res.settled_tick < sent_tick:
+                if res.job_id is not None:
+                    if allowance > 0 and seen_at - res.settled_at <= allowance:
+                        res.missed_at = seen_at  # the counts lag: keep counting it for now
+                        continue
+                    self._watch[res.job_id] = res.settled_at
+                self._drop(res)
+        self._watch_for_lag(snapshot)
         for account, busy_tick in list(self._busy.items()):
             if busy_tick < sent_tick:
                 del self._busy[account]
+
+    # --- counts that lag ---------------------------------------------------------------
+
+    @property
+    def lag(self) -> float:
+        """How far behind the server's counts have been seen to run (seconds; 0 if never)."""
+        return self._lag
+
+    def _learn_lag(self, evidence: float) -> None:
+        if evidence > 0:
+            self._lag_samples.append(evidence)
+            self._lag = max(self._lag_samples)
+
+    def _watch_for_lag(self, snapshot: Snapshot) -> None:
+        """A job dropped by rule 2 that a later snapshot lists shows the counts lag."""
+        seen_at = snapshot.requested_at
+        for job_id, settled_at in list(self._watch.items()):
+            if snapshot.lists_job(job_id):
+                self._learn_lag(seen_at - settled_at)
+                del self._watch[job_id]
+            elif seen_at - settled_at > WATCH_FOR:
+                del self._watch[job_id]
+        while len(self._watch) > WATCH_MAX:
+            del self._watch[next(iter(self._watch))]
 
     # --- reservations -----------------------------------------------------------------
 
@@ -121,6 +178,7 @@ class Ledger:
         if res.id not in self._reservations or res.settled:
             return
         res.settled_tick = self.tick()
+        res.settled_at = self._clock()
         res.job_id = job_id
         if job_id is not None and self._snapshot is not None and self._snapshot.lists_job(job_id):
             self._drop(res)
