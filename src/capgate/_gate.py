@@ -253,10 +253,11 @@ class Slot:
             seconds: How long; the gate's ``quarantine_for`` when ``None``.
             reason: Shown in statistics, the repr, logs and :class:`AccountQuarantined`.
         """
+        # quarantine first: giving the slot back dispatches, and must not re-grant this account
+        self._gate.quarantine(self._account, seconds=seconds, reason=reason)
         if self._state == "held":
             self._state = "given back"
             self._gate._give_back(self._res, why="quarantined")
-        self._gate.quarantine(self._account, seconds=seconds, reason=reason)
 
     def _give_back_unused(self) -> None:
         """No job was created on this slot: give it back at once (internal)."""
