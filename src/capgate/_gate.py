@@ -918,6 +918,9 @@ class CapacityGate:
             return
         now = anyio.current_time()
         wake_at = self._next_poll_at
+        # drop expired quarantines first: one left behind (its account absent from the
+        # snapshot, so no grant pass looked at it) would be "due" forever and poll in a loop
+        self._ledger.quarantine_items(now)
         expiry = self._ledger.next_quarantine_expiry()
         if expiry is not None and expiry < wake_at:
             wake_at = expiry
