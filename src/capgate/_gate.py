@@ -997,6 +997,10 @@ class CapacityGate:
             scope = allowed
         elif self._allow is not None:
             scope = self._allow
+        elif self._ledger.snapshot is None:
+            # which accounts exist is unknown before the first snapshot: it decides
+            # (_on_snapshot checks the waiters again)
+            return None
         else:
             scope = self._known
         if not self._ledger.all_quarantined(scope, now):
@@ -1187,6 +1191,13 @@ class CapacityGate:
         self._auth_failure = None
         self._known.update(row.account for row in snapshot.accounts)
         self._known.update(job.account for job in snapshot.executing if job.account)
+        now = anyio.current_time()
+        if self._ledger.quarantine_items(now):
+            # the first snapshot may show that every account a waiter may use is out
+            for waiter in list(self._iter_waiters()):
+                error = self._quarantine_error(waiter.allowed, now)
+                if error is not None:
+                    self._fail(waiter, error)
         for row in skipped:
             log.warning(
                 "capgate.row_skipped",
