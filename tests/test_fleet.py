@@ -334,6 +334,38 @@ async def test_submit_refresh_statistics_in_fleet_mode(make_gate, fake_url) -> N
     assert "fleet" in repr(gate)
 
 
+async def test_lagging_counts_are_learnt_fleet_wide(make_gate, namespace) -> None:
+    """Counts that lag: the fleet learns the lag (as the local ledger does) and gets every
+    job through."""
+    fake = FakeScheduler({"a@x.io": 2, "b@x.io": 1}, job_duration=0.6, lag=0.4)
+    with serve(fake) as url:
+        gate = make_gate(url)
+        async with httpx.AsyncClient() as client:
+
+            async def create(account: str) -> httpx.Response:
+                return await client.post(
+                    _create_url(url),
+                    json={"email": account, "duration": 0.6},
+                    headers={"Authorization": "Bearer fake-token"},
+                )
+
+            async def worker() -> None:
+                for _ in range(3):
+                    response = await gate.submit(create, max_attempts=30, timeout=20)
+                    assert response.status_code == 200
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(worker)
+    assert fake.creates == 12
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        (meta,) = list(client.scan_iter(match=f"{namespace}:*:meta"))
+        assert float(client.hget(meta, "lag") or 0) > 0.3
+    finally:
+        client.close()
+
+
 async def test_token_never_reaches_keys_or_logs(make_gate, fake_url, namespace) -> None:
     """The token is in no Redis key, value or log line."""
     fake, url = fake_url

@@ -16,8 +16,11 @@ Keys under the prefix ``P``:
 ``limit``      hash    account -> slots the latest snapshot allows (cap applied)
 ``order``      list    accounts in the snapshot's order
 ``jobs``       set     job ids the latest snapshot lists as executing
+``watch``      hash    job id dropped by the tick rule -> settle time (lag evidence)
+``lags``       list    the latest 32 lags seen (``meta.lag`` is their maximum)
 ``lease``      hash    lease id -> {a: account, w: waiter id, o: owner, s: settle tick,
-                       j: job id, r: reclaimed}
+                       t: settle time, j: job id, m: missed by a lagging snapshot,
+                       r: reclaimed}
 ``lexp``       zset    unsettled lease id -> expiry (server seconds)
 ``pending``    hash    account -> leases that count against it
 ``busy``       hash    account -> tick of its 429
@@ -371,12 +374,54 @@ if st > mget('sent_tick', 0) then
     'fresh_until', NOW + spacing, 'next_poll_at', sent + spacing, 'failures', 0)
   redis.call('HDEL', M, 'last_error', 'auth_at', 'auth_msg', 'auth_status')
   redis.call('HINCRBY', M, 'polls', 1)
+  -- rule 2, with the local ledger's lag learning: once a job id dropped by the tick rule
+  -- was listed later (the counts lag), leases with job ids count until listed or `lag` old
+  local function learn(evidence)
+    if evidence <= 0 then return end
+    redis.call('LPUSH', P .. 'lags', evidence)
+    redis.call('LTRIM', P .. 'lags', 0, 31)
+    local most = 0
+    for _, v in ipairs(redis.call('LRANGE', P .. 'lags', 0, -1)) do
+      most = math.max(most, tonumber(v))
+    end
+    redis.call('HSET', M, 'lag', most)
+  end
+  local allowance = mget('lag', 0)
   local flat = redis.call('HGETALL', P .. 'lease')
   for i = 1, #flat, 2 do
     local rec = cjson.decode(flat[i + 1])
-    if rec.s and (rec.s < st or (rec.j and redis.call('SISMEMBER', P .. 'jobs', rec.j) == 1)) then
-      drop_lease(flat[i], rec)
+    if rec.s then
+      local t = rec.t or sent
+      if rec.j and redis.call('SISMEMBER', P .. 'jobs', rec.j) == 1 then
+        if rec.m then learn(sent - t) end
+        drop_lease(flat[i], rec)
+      elseif rec.s < st then
+        if rec.j and allowance > 0 and sent - t <= allowance then
+          rec.m = sent
+          lease_put(flat[i], rec)
+        else
+          if rec.j then redis.call('HSET', P .. 'watch', rec.j, t) end
+          drop_lease(flat[i], rec)
+        end
+      end
     end
+  end
+  local watch = redis.call('HGETALL', P .. 'watch')
+  for i = 1, #watch, 2 do
+    local t = tonumber(watch[i + 1])
+    if redis.call('SISMEMBER', P .. 'jobs', watch[i]) == 1 then
+      learn(sent - t)
+      redis.call('HDEL', P .. 'watch', watch[i])
+    elseif sent - t > 600 then
+      redis.call('HDEL', P .. 'watch', watch[i])
+    end
+  end
+  if redis.call('HLEN', P .. 'watch') > 1024 then
+    local rest = redis.call('HGETALL', P .. 'watch')
+    local items = {}
+    for i = 1, #rest, 2 do items[#items + 1] = {rest[i], tonumber(rest[i + 1])} end
+    table.sort(items, function(x, y) return x[2] < y[2] end)
+    for k = 1, #items - 1024 do redis.call('HDEL', P .. 'watch', items[k][1]) end
   end
   local busy = redis.call('HGETALL', P .. 'busy')
   for i = 1, #busy, 2 do
@@ -440,6 +485,7 @@ if op == 'settle' then
   end
   if not rec.s or rec.r then
     rec.s = tick()
+    rec.t = NOW
     rec.r = nil
     if ARGV[4] ~= '' then rec.j = ARGV[4] end
     redis.call('ZREM', P .. 'lexp', id)
