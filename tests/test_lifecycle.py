@@ -939,3 +939,29 @@ def test_webhook_receiver_example():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8 jobs through 5 slots in " in done.stdout
     assert "429s: 0" in done.stdout
+
+
+@pytest.mark.trio_only
+async def test_invalidate_during_a_poll_in_flight_is_not_lost(make_gate):
+    """Regression: a callback arriving while a poll was on the wire was forgotten when its
+    (older) answer landed, so the freed slot waited out poll_interval."""
+    fake = FakeScheduler({A: 1})
+
+    async def answer_then_travel(request: httpx.Request) -> httpx.Response:
+        response = await fake.handle(request)  # the server counts now, the answer is slow
+        await anyio.sleep(1.0)
+        return response
+
+    gate, _ = make_gate(fake, poll_interval=60.0, transport=httpx.MockTransport(answer_then_travel))
+    fake.add_outside_job(A, duration=0.5)  # ends while the first answer travels
+
+    async def done(job: FakeJob) -> None:
+        gate.invalidate()
+
+    fake.on_job_done = done
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fake.run_callbacks)
+        async with gate.slot() as slot:
+            assert slot.waited < 5.0
+        tg.cancel_scope.cancel()
+    assert fake.polls == 2

@@ -446,6 +446,7 @@ class CapacityGate:
         self._rr_last: str | None = None
 
         self._inflight: _Inflight | None = None
+        self._invalidated_in_flight = False
         self._fresh_until = -math.inf
         self._next_poll_at = -math.inf
         self._failures = 0
@@ -691,6 +692,9 @@ class CapacityGate:
             soonest = max(now, last + INVALIDATE_FLOOR)
             self._next_poll_at = min(self._next_poll_at, soonest)
             self._fresh_until = min(self._fresh_until, soonest)
+            # the answer of a poll already on the wire may predate this news: its arrival
+            # must not push the next poll back to a full poll_interval
+            self._invalidated_in_flight = self._inflight is not None
         log.debug("capgate.invalidate", service=self.service, waiting=self._waiting)
         self._wake_driver()
 
@@ -1138,6 +1142,7 @@ class CapacityGate:
     async def _poll(self) -> Snapshot:
         """Make one poll (the caller checked none is in flight) and apply its answer."""
         inflight = self._inflight = _Inflight()
+        self._invalidated_in_flight = False
         sent_tick = self._ledger.tick()
         self._last_sent = sent = anyio.current_time()
         try:
@@ -1185,6 +1190,11 @@ class CapacityGate:
         # freshness runs from the answer's arrival: an answer slower than poll_interval is
         # still the newest there is, and must serve the waiters (else they starve, polling)
         self._fresh_until = snapshot.received_at + spacing
+        if self._invalidated_in_flight:
+            self._invalidated_in_flight = False
+            soonest = max(snapshot.received_at, sent + INVALIDATE_FLOOR)
+            self._next_poll_at = min(self._next_poll_at, soonest)
+            self._fresh_until = min(self._fresh_until, soonest)
         self._polls += 1
         self._failures = 0
         self._last_error = None
