@@ -366,6 +366,28 @@ async def test_lagging_counts_are_learnt_fleet_wide(make_gate, namespace) -> Non
         client.close()
 
 
+async def test_invalidate_brings_the_fleets_next_poll_forward(make_gate, fake_url) -> None:
+    """invalidate() in one gate makes the fleet poll at once instead of after poll_interval."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    a, b = make_gate(url, poll_interval=5.0), make_gate(url, poll_interval=5.0)
+    async with httpx.AsyncClient() as client, a.slot(timeout=5) as slot:
+        slot.mark_submitted(await _create(client, url, slot.account, 0.3))
+    got: list[float] = []
+
+    async def waiter() -> None:
+        started = time.monotonic()
+        async with b.slot(timeout=10):
+            got.append(time.monotonic() - started)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.sleep(0.6)  # the job has ended; the fleet would poll in ~4.4 s
+        a.invalidate()  # as a webhook handler would
+    assert got
+    assert got[0] < 2.0
+
+
 async def test_token_never_reaches_keys_or_logs(make_gate, fake_url, namespace) -> None:
     """The token is in no Redis key, value or log line."""
     fake, url = fake_url

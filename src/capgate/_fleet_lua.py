@@ -348,6 +348,7 @@ if not redis.call('SET', P .. 'lock', ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 local st = tick()
 redis.call('HSET', M, 'last_sent', NOW)
+redis.call('HDEL', M, 'inval')
 return cjson.encode({ok = true, tick = st, sent = tostring(NOW)})
 """
 
@@ -372,6 +373,13 @@ if st > mget('sent_tick', 0) then
   local spacing = tonumber(ARGV[4])
   redis.call('HSET', M, 'sent_tick', st, 'sent_at', sent, 'snap', ARGV[5],
     'fresh_until', NOW + spacing, 'next_poll_at', sent + spacing, 'failures', 0)
+  if redis.call('HDEL', M, 'inval') == 1 then
+    -- invalidated while this poll was in flight: its answer must not push the next poll
+    -- back to a full interval
+    local soonest = math.max(NOW, sent + tonumber(ARGV[11]))
+    redis.call('HSET', M, 'next_poll_at', math.min(sent + spacing, soonest),
+      'fresh_until', math.min(NOW + spacing, soonest))
+  end
   redis.call('HDEL', M, 'last_error', 'auth_at', 'auth_msg', 'auth_status')
   redis.call('HINCRBY', M, 'polls', 1)
   -- rule 2, with the local ledger's lag learning: once a job id dropped by the tick rule
@@ -519,6 +527,8 @@ elseif op == 'restore' then
   if redis.call('HDEL', P .. 'quar', account) == 1 then changed = true; PUB_ALL = true end
 elseif op == 'invalidate' then
   soon_poll(floor)
+  -- the answer of a poll already on the wire may predate this news: remember it
+  if redis.call('EXISTS', P .. 'lock') == 1 then redis.call('HSET', M, 'inval', 1) end
 elseif op == 'unlock' then
   if redis.call('GET', P .. 'lock') == ARGV[7] then redis.call('DEL', P .. 'lock') end
   PUB_ALL = true
