@@ -100,8 +100,9 @@ async def main(jobs: int = 30, workers: int = 12) -> int:
         queue_send.close()
 
         async def worker(jobs_in: anyio.abc.ObjectReceiveStream[int]) -> None:
-            async for n in jobs_in:
-                await gate.submit(lambda account, n=n: create(account, n))
+            async with jobs_in:
+                async for n in jobs_in:
+                    await gate.submit(lambda account, n=n: create(account, n))
 
         server = uvicorn.Server(
             uvicorn.Config(
