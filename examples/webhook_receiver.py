@@ -116,16 +116,17 @@ async def main(jobs: int = 30, workers: int = 12) -> int:
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve)
-            tg.start_soon(fake.run_callbacks)
             while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                 await anyio.sleep(0.01)
             async with anyio.create_task_group() as pool:
-                for _ in range(workers):
-                    pool.start_soon(worker, queue_recv.clone())
-                queue_recv.close()
+                pool.start_soon(fake.run_callbacks)  # useapi's side: posts as jobs end
+                async with anyio.create_task_group() as work:
+                    for _ in range(workers):
+                        work.start_soon(worker, queue_recv.clone())
+                    queue_recv.close()
+                pool.cancel_scope.cancel()
             elapsed = time.perf_counter() - started
-            server.should_exit = True
-            tg.cancel_scope.cancel()
+            server.should_exit = True  # the receiver shuts down cleanly, closing its socket
         await gate.aclose()
 
     print(f"{jobs} jobs through 5 slots in {elapsed:.1f} s")
