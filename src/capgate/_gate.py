@@ -351,6 +351,8 @@ class CapacityGate:
         poll_timeout: Seconds one poll may take before it counts as failed.
         max_backoff: Ceiling of the backoff between failed polls, in seconds.
         jitter: Fraction of ``poll_interval`` added at random to each spacing (0 to 1).
+        store: A :class:`capgate.redis.RedisStore` to share one gate among processes and
+            hosts (fleet mode, see ``capgate._fleet``); ``None`` keeps the in-process ledger.
 
     Raises:
         CapacityGateError: No token was given and ``USEAPI_TOKEN`` is not set.
