@@ -307,6 +307,15 @@ async def test_quarantine_and_busy_marks_are_shared(make_gate, fake_url) -> None
         assert slot.account == "a@x.io"
 
 
+async def test_quarantine_before_the_first_poll_lets_others_serve(make_gate, fake_url) -> None:
+    """Quarantining one account before any snapshot does not fail a caller allowed any."""
+    _, url = fake_url
+    gate = make_gate(url)
+    gate.quarantine("a@x.io", seconds=30, reason="on hold")
+    async with gate.slot(timeout=5) as slot:
+        assert slot.account == "b@x.io"
+
+
 async def test_submit_refresh_statistics_in_fleet_mode(make_gate, fake_url) -> None:
     """submit retries a stolen slot, refresh polls, statistics shows the fleet's numbers."""
     fake, url = fake_url

@@ -452,6 +452,10 @@ class Fleet:
             scope = allowed
         elif self._gate._allow is not None:
             scope = self._gate._allow
+        elif self._snapshot is None:
+            # which accounts exist is unknown before the first snapshot: it decides (every
+            # sync checks the waiters again), as in-process
+            return None
         else:
             scope = self._known
         if not scope or any(a not in out for a in scope):
