@@ -702,15 +702,15 @@ class Fleet:
                 snapshot, skipped = await fetch_snapshot(
                     gate._client,
                     gate._url,
-                    gate._token.reveal(),
+                    gate._token,  # a Secret: no traceback local shows the token
                     gate._service,
                     timeout=gate._poll_timeout,
                 )
             except CapacityGateError:
                 raise
             except Exception as exc:  # a transport's own bug is a failed poll too
-                raise PollError(
-                    f"{self._service}: unexpected {type(exc).__name__} while polling: {exc}"
+                raise PollError(  # str(exc) left out: it could echo what was sent
+                    f"{self._service}: unexpected {type(exc).__name__} while polling"
                 ) from exc
         except AuthenticationError as exc:
             done = await self._poll_failed(token, exc, auth=True)
