@@ -56,7 +56,8 @@ local function tick() return redis.call('HINCRBY', M, 'tick', 1) end
 -- older than the last grants) starts a grace too. Either way nothing is granted for `grace`
 -- seconds while live holders re-assert their leases.
 local function ensure_epoch(grace)
-  local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+  local info = redis.pcall('INFO', 'server')  -- INFO may be renamed away: then no run_id
+  local rid = type(info) == 'string' and string.match(info, 'run_id:(%w+)') or ''
   local e = redis.call('HGET', M, 'epoch')
   if e then
     if redis.call('HGET', M, 'run_id') ~= rid then
