@@ -80,6 +80,15 @@ class AccountQuarantined(CapacityGateError):
         super().__init__(message)
         self.reasons = dict(reasons)
 
+    @classmethod
+    def every(cls, service: str, reasons: Mapping[str, str]) -> AccountQuarantined:
+        """The error for a caller whose every account (``reasons``' keys) is quarantined."""
+        text = ", ".join(f"{a} ({r})" if r else a for a, r in sorted(reasons.items()))
+        return cls(
+            f"{service}: every account this caller may use is quarantined: {text}",
+            reasons=reasons,
+        )
+
     @property
     def accounts(self) -> tuple[str, ...]:
         """The quarantined accounts, sorted."""

@@ -101,6 +101,7 @@ from ._errors import (
     SlotTimeout,
 )
 from ._fleet_lua import SCRIPTS
+from ._gate import Wakeup, now_or_none
 from ._ledger import Reservation
 from ._models import (
     AccountCapacity,
@@ -125,33 +126,19 @@ INVALIDATE_FLOOR = 0.5
 LOCK_MARGIN = 5.0
 
 
-def _now_or_none() -> float | None:
-    try:
-        return anyio.current_time()
-    except Exception:  # noqa: BLE001 - no running loop: sniffio's error type varies
-        return None
-
-
-class _Waiter:
+class _Waiter(Wakeup):
     """One local task waiting for a fleet slot (internal)."""
 
-    __slots__ = ("allowed", "arrived", "error", "event", "grant", "priority", "wid")
+    __slots__ = ("allowed", "arrived", "error", "grant", "priority", "wid")
 
     def __init__(self, priority: int, allowed: frozenset[str] | None, arrived: float) -> None:
+        super().__init__()
         self.wid = uuid.uuid4().hex
         self.priority = priority
         self.allowed = allowed
         self.arrived = arrived
-        self.event = anyio.Event()
         self.grant: tuple[str, str] | None = None  # (lease id, account)
         self.error: BaseException | None = None
-
-    def wake(self) -> None:
-        self.event.set()
-
-    async def sleep(self) -> None:
-        await self.event.wait()
-        self.event = anyio.Event()
 
 
 class _State:
@@ -439,7 +426,7 @@ class Fleet:
 
     def _quarantined(self) -> dict[str, tuple[float, str]]:
         """Quarantined account -> (seconds left, reason), as of now."""
-        now = _now_or_none()
+        now = now_or_none()
         spent = self._state.since(now)
         return {a: (left - spent, r) for a, (left, r) in self._state.quar.items() if left > spent}
 
@@ -460,12 +447,7 @@ class Fleet:
             scope = self._known
         if not scope or any(a not in out for a in scope):
             return None
-        reasons = {a: out[a][1] for a in scope}
-        text = ", ".join(f"{a} ({r})" if r else a for a, r in sorted(reasons.items()))
-        return AccountQuarantined(
-            f"{self._service}: every account this caller may use is quarantined: {text}",
-            reasons=reasons,
-        )
+        return AccountQuarantined.every(self._service, {a: out[a][1] for a in scope})
 
     def _fail(self, waiter: _Waiter, error: BaseException) -> None:
         if waiter.grant is None and waiter.error is None:
@@ -485,7 +467,7 @@ class Fleet:
         if error is not None:
             raise error
         state = self._state
-        if state.auth_at is not None and state.auth_age + state.since(_now_or_none()) < (
+        if state.auth_at is not None and state.auth_age + state.since(now_or_none()) < (
             gate._poll_interval
         ):
             raise AuthenticationError(state.auth_msg, status_code=state.auth_status)
@@ -889,7 +871,7 @@ class Fleet:
         self._record(_Op("quarantine", account=account, seconds=seconds, reason=reason))
         self._known.add(account)
         # in force locally at once; the next sync brings the fleet's view
-        spent = self._state.since(_now_or_none())
+        spent = self._state.since(now_or_none())
         self._state.quar[account] = (seconds + spent, reason)
         log.warning(
             "capgate.quarantine",
@@ -1063,7 +1045,7 @@ class Fleet:
 
     def statistics(self) -> GateStatistics:
         gate = self._gate
-        now = _now_or_none()
+        now = now_or_none()
         state = self._state
         spent = state.since(now)
         fresh = self._snapshot is not None and state.fresh_in - spent > 0
@@ -1129,7 +1111,7 @@ class Fleet:
     def describe(self) -> str:
         """The body of the gate's repr."""
         state = self._state
-        now = _now_or_none()
+        now = now_or_none()
         snapshot = self._snapshot
         if snapshot is None:
             body = f"{state.reserved} reserved, {state.waiting} waiting, no snapshot"

@@ -81,7 +81,7 @@ def _error_excerpt(body: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _now_or_none() -> float | None:
+def now_or_none() -> float | None:
     """``anyio.current_time()`` inside an event loop, else ``None`` (for reprs)."""
     try:
         return anyio.current_time()
@@ -131,21 +131,13 @@ def _make_fleet(gate: CapacityGate, store: object) -> Fleet:
     return Fleet(gate, store)
 
 
-class _Waiter:
-    """One task waiting for a slot (internal)."""
+class Wakeup:
+    """A re-armable wake-up for one waiting task (internal; the fleet engine uses it too)."""
 
-    __slots__ = ("allowed", "arrived", "error", "event", "priority", "reservation", "seq")
+    __slots__ = ("event",)
 
-    def __init__(
-        self, seq: int, priority: int, allowed: frozenset[str] | None, arrived: float
-    ) -> None:
-        self.seq = seq
-        self.priority = priority
-        self.allowed = allowed
-        self.arrived = arrived
+    def __init__(self) -> None:
         self.event = anyio.Event()
-        self.reservation: Reservation | None = None
-        self.error: BaseException | None = None
 
     def wake(self) -> None:
         self.event.set()
@@ -154,6 +146,23 @@ class _Waiter:
         """Wait until woken; a wake-up that came while not sleeping returns at once."""
         await self.event.wait()
         self.event = anyio.Event()
+
+
+class _Waiter(Wakeup):
+    """One task waiting for a slot (internal)."""
+
+    __slots__ = ("allowed", "arrived", "error", "priority", "reservation", "seq")
+
+    def __init__(
+        self, seq: int, priority: int, allowed: frozenset[str] | None, arrived: float
+    ) -> None:
+        super().__init__()
+        self.seq = seq
+        self.priority = priority
+        self.allowed = allowed
+        self.arrived = arrived
+        self.reservation: Reservation | None = None
+        self.error: BaseException | None = None
 
 
 class _Inflight:
@@ -686,7 +695,7 @@ class CapacityGate:
         if self._fleet is not None:
             self._fleet.invalidate()
             return
-        now = _now_or_none()
+        now = now_or_none()
         if now is None or self._closed:
             return
         if self._failures == 0:
@@ -742,7 +751,7 @@ class CapacityGate:
         """What the gate is doing now, as a frozen :class:`GateStatistics`."""
         if self._fleet is not None:
             return self._fleet.statistics()
-        now = _now_or_none()
+        now = now_or_none()
         snapshot = self._ledger.snapshot
         rows: list[AccountStatistics] = []
         capacity = 0
@@ -823,7 +832,7 @@ class CapacityGate:
         if self._fleet is not None:
             closed = ", closed" if self._closed else ""
             return f"<CapacityGate {self.service}: {self._fleet.describe()}{closed}>"
-        now = _now_or_none()
+        now = now_or_none()
         snapshot = self._ledger.snapshot
         head = f"<CapacityGate {self.service}: "
         if snapshot is None:
@@ -1011,11 +1020,9 @@ class CapacityGate:
             scope = self._known
         if not self._ledger.all_quarantined(scope, now):
             return None
-        reasons = {a: self._ledger.quarantined(a, now=now) or (None, "") for a in scope}
-        text = ", ".join(f"{a} ({r[1]})" if r[1] else a for a, r in sorted(reasons.items()))
-        return AccountQuarantined(
-            f"{self.service}: every account this caller may use is quarantined: {text}",
-            reasons={a: r[1] for a, r in reasons.items()},
+        return AccountQuarantined.every(
+            self.service,
+            {a: (self._ledger.quarantined(a, now=now) or (None, ""))[1] for a in scope},
         )
 
     # --- granting ------------------------------------------------------------------------
