@@ -977,6 +977,9 @@ class CapacityGate:
         self._dequeue(waiter)
         if self._driver is waiter:
             self._driver = None
+        if self._driver is None:
+            # also while the role is vacant: the successor woken by the driver's exit may
+            # leave (cancelled, timed out, granted) before it runs again to take the role
             for queue in self._queues.values():
                 for successor in queue:
                     successor.wake()  # it takes the role at its next step
