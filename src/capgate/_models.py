@@ -223,7 +223,10 @@ def _count(row: Mapping[str, Any], key: str) -> int | None:
             raise RowError(f"{key} is not a whole number")
         number = int(value)
     elif isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
+        try:
+            number = int(value.strip())
+        except ValueError:  # "²" is a digit to isdigit(); or more digits than int() takes
+            raise RowError(f"{key} is not a number") from None
     else:
         raise RowError(f"{key} is not a number")
     if number < 0:
@@ -242,9 +245,11 @@ def _text(value: Any) -> str | None:
 def _started(value: Any) -> datetime | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
-        try:
+    if isinstance(value, (int, float)):
+        try:  # an int too big for a float overflows already in isfinite() and the division
+            if not math.isfinite(value):
+                return None
+            seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
             return datetime.fromtimestamp(seconds, tz=timezone.utc)
         except (OverflowError, OSError, ValueError):
             return None
