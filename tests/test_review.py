@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -102,3 +105,147 @@ async def test_huge_integer_started_is_ignored_not_a_failed_poll(make_gate):
     snapshot = await gate.refresh()
     assert snapshot.lists_job("j1")
     assert snapshot.executing[0].started is None
+
+
+# --- fleet mode -----------------------------------------------------------------------------------
+
+
+def _redis_reachable(url: str) -> bool:
+    try:
+        import redis
+    except ImportError:
+        return False
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            if check():
+                return
+            await anyio.sleep(0.01)
+
+
+REDIS_URL = os.environ.get("CAPGATE_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.mark.skipif(not _redis_reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_fleet_driver_role_survives_driver_and_successor_leaving_together(anyio_backend):
+    """Fleet mode: the same race as in-process; the third waiter must still get its slot.
+
+    Regression: Fleet._leave() woke a successor only when the driver left, so a successor
+    cancelled before it ran again left the role vacant and the other waiters asleep.
+    """
+    import redis
+
+    from capgate.redis import RedisStore
+    from capgate.testing import serve
+
+    namespace = f"capgate-review-{uuid.uuid4().hex[:12]}"
+    fake = FakeScheduler({A: 1})
+    got: list[str] = []
+
+    async def leaver(gate: CapacityGate, scope: anyio.CancelScope) -> None:
+        with scope:
+            async with gate.slot():
+                pytest.fail("granted while the account is full")
+
+    async def stayer(gate: CapacityGate) -> None:
+        with anyio.move_on_after(5):
+            async with gate.slot() as slot:
+                got.append(slot.account)
+
+    try:
+        with serve(fake) as url:
+            fake.add_outside_job(A, 0.6)
+            store = RedisStore(REDIS_URL, namespace=namespace, lease_ttl=2.0, socket_timeout=1.0)
+            gate = CapacityGate(fake.token, url=url, store=store, poll_interval=0.1, jitter=0)
+            try:
+                scopes = [anyio.CancelScope(), anyio.CancelScope()]
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(leaver, gate, scopes[0])
+                    fleet = gate._fleet
+                    assert fleet is not None
+                    await _eventually(lambda: fleet._driver is not None)
+                    tg.start_soon(leaver, gate, scopes[1])
+                    tg.start_soon(stayer, gate)
+                    await _eventually(lambda: len(fleet._waiters) == 3)
+                    await anyio.sleep(0.2)
+                    scopes[0].cancel()  # the driver first: its exit wakes the successor
+                    scopes[1].cancel()
+            finally:
+                await gate.aclose()
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{namespace}:*"))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+    assert got == [A]
+
+
+@pytest.mark.skipif(not _redis_reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_fleet_waiter_cancelled_after_its_grant_never_enters_the_body(
+    anyio_backend, monkeypatch
+):
+    """Fleet mode: a waiter cancelled between its grant and running again gives the slot back.
+
+    Regression: Fleet.acquire() returned the slot without a cancellation check after the
+    grant, so the body of a cancelled waiter started, and on leaving it the slot was settled
+    (counted until a later poll) instead of going straight to the next waiter, as in-process.
+    """
+    import redis
+
+    from capgate import _fleet
+    from capgate.redis import RedisStore
+    from capgate.testing import serve
+
+    namespace = f"capgate-review-{uuid.uuid4().hex[:12]}"
+    fake = FakeScheduler({A: 1})
+    scope = anyio.CancelScope()
+    entered: list[str] = []
+    wake = _fleet._Waiter.wake
+
+    def wake_then_cancel(self: Any) -> None:
+        wake(self)
+        if self.grant is not None:
+            scope.cancel()  # cancelled after the grant, before the waiter runs on
+
+    monkeypatch.setattr(_fleet._Waiter, "wake", wake_then_cancel)
+    try:
+        with serve(fake) as url:
+            store = RedisStore(REDIS_URL, namespace=namespace, lease_ttl=2.0, socket_timeout=1.0)
+            gate = CapacityGate(fake.token, url=url, store=store, poll_interval=5.0, jitter=0)
+            try:
+                with anyio.fail_after(5):
+                    with scope:
+                        async with gate.slot() as slot:
+                            entered.append(slot.account)
+                    monkeypatch.setattr(_fleet._Waiter, "wake", wake)
+                    # given back, not settled: the next waiter needs no new poll
+                    polls = fake.polls
+                    async with gate.slot() as slot:
+                        assert slot.account == A
+                    assert fake.polls == polls, entered
+            finally:
+                await gate.aclose()
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{namespace}:*"))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+    assert entered == []

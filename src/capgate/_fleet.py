@@ -89,6 +89,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import redis as _redis
 import structlog
 
@@ -482,6 +483,10 @@ class Fleet:
                 await self._sync()
                 while waiter.grant is None and waiter.error is None:
                     await self._wait_turn(waiter)
+            if waiter.grant is not None:
+                # granted, but cancelled before this task ran again: the holder never
+                # reaches the body, so the slot goes straight back (as in-process)
+                await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             await self._abandon(waiter)
             raise
@@ -517,6 +522,9 @@ class Fleet:
             self._driver = None
             if self._driver_scope is not None:
                 self._driver_scope.cancel()
+        if self._driver is None:
+            # also while the role is vacant: the successor woken by the driver's exit may
+            # leave (cancelled, timed out) before it runs again to take the role
             for successor in self._waiters.values():
                 if successor.grant is None and successor.error is None:
                     successor.wake()  # it takes the role at its next step
