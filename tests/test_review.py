@@ -83,8 +83,10 @@ async def test_driver_role_survives_driver_and_successor_leaving_together(make_g
     [
         {"email": B, "maxJobs": 2, "executing": 0, "available": "\u00b2"},  # "²".isdigit()
         {"email": B, "maxJobs": 2, "executing": 0, "available": "9" * 5000},  # int() limit
+        {"email": B, "maxJobs": 10**400, "executing": 0, "available": 2},  # inf as a double
+        {"email": B, "maxJobs": 2, "executing": 0, "available": 1e300},
     ],
-    ids=["superscript-digit", "over-int-digit-limit"],
+    ids=["superscript-digit", "over-int-digit-limit", "huge-int", "huge-float"],
 )
 async def test_malformed_count_skips_the_row_not_the_poll(make_gate, row):
     """A count that passes str.isdigit() but int() refuses is a skipped row, not a failed poll."""
@@ -249,3 +251,42 @@ async def test_fleet_waiter_cancelled_after_its_grant_never_enters_the_body(
         finally:
             client.close()
     assert entered == []
+
+
+@pytest.mark.skipif(not _redis_reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_fleet_survives_counts_too_big_for_a_double(anyio_backend):
+    """Fleet mode: a row with a count past 1.8e308 (inf in Lua's doubles) is skipped.
+
+    Regression: the limit reached Redis as inf, and cjson refuses to encode inf, so every
+    script that returned the state failed: the fleet took Redis for down and granted
+    nothing at all, on any account, while that snapshot lasted.
+    """
+    import redis
+
+    from capgate.redis import RedisStore
+
+    huge = 10**400
+    body = {
+        "available": [
+            {"email": A, "maxJobs": huge, "executing": 0, "available": huge},
+            {"email": B, "maxJobs": 1, "executing": 0, "available": 1},
+        ]
+    }
+    namespace = f"capgate-review-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(REDIS_URL, namespace=namespace, lease_ttl=2.0, socket_timeout=1.0)
+    async with httpx.AsyncClient(transport=_answering(body)) as client:
+        gate = CapacityGate("t", client=client, store=store, poll_interval=0.2, jitter=0)
+        try:
+            with anyio.fail_after(5):
+                async with gate.slot() as slot:
+                    assert slot.account == B
+        finally:
+            await gate.aclose()
+            client_ = redis.Redis.from_url(REDIS_URL)
+            try:
+                keys = list(client_.scan_iter(match=f"{namespace}:*"))
+                if keys:
+                    client_.delete(*keys)
+            finally:
+                client_.close()

@@ -205,6 +205,11 @@ del _cls
 # --- parsing ---------------------------------------------------------------------------
 
 
+#: a count above this is no count anyone means; fleet mode's Lua holds counts in doubles,
+#: where past 1.8e308 they become inf, which its JSON encoder refuses
+MAX_COUNT = 2**53
+
+
 class RowError(ValueError):
     """A row of the answer is malformed (internal: the row is skipped and logged)."""
 
@@ -231,6 +236,8 @@ def _count(row: Mapping[str, Any], key: str) -> int | None:
         raise RowError(f"{key} is not a number")
     if number < 0:
         raise RowError(f"{key} is negative")
+    if number > MAX_COUNT:
+        raise RowError(f"{key} is too large")
     return number
 
 
