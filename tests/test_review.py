@@ -290,3 +290,59 @@ async def test_fleet_survives_counts_too_big_for_a_double(anyio_backend):
                     client_.delete(*keys)
             finally:
                 client_.close()
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+async def test_token_echoed_in_a_cross_origin_redirect_stays_out_of_errors_and_logs(
+    make_gate, logs
+):
+    """A redirect whose target host echoes the token: refused, and the token is not shown.
+
+    Regression: the refusal message quoted the target's host verbatim, unlike every other
+    server-controlled text, which has the token replaced.
+    """
+    token = "Sekrit-Token-1234"  # hosts come back lowercased
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": f"https://{token}.evil.example/x"})
+
+    gate, _ = make_gate(FakeScheduler({A: 1}), token=token, transport=httpx.MockTransport(handler))
+    with pytest.raises(Exception, match=r"refused a redirect to another origin") as info:
+        await gate.refresh()
+    secret = token.lower()
+    assert secret not in str(info.value).lower()
+    assert secret not in repr(gate.statistics()).lower()
+    assert all(secret not in repr(event).lower() for event in logs)
+
+
+# --- leaks ----------------------------------------------------------------------------------------
+
+
+async def test_one_slot_context_entered_by_two_tasks_at_once_is_refused(make_gate):
+    """Entering one ``gate.slot()`` object from two tasks at once raises, and leaks nothing.
+
+    Regression: the "already entered" guard looked at the slot, which is set only once the
+    wait ends, so two tasks waiting on one context both got slots; the first slot was
+    overwritten and never settled, and counted against its account forever.
+    """
+    gate, _ = make_gate({A: 2}, latency=P)  # both tasks are waiting when the answer lands
+    ctx = gate.slot()
+    errors: list[BaseException] = []
+
+    async def enter() -> None:
+        try:
+            async with ctx:
+                await anyio.sleep(P)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        tg.start_soon(enter)
+    assert len(errors) == 1
+    assert str(errors[0]) == "this gate.slot() context is already entered; call gate.slot() again"
+    await anyio.sleep(2 * P)
+    await gate.refresh()
+    assert gate.statistics().held == 0

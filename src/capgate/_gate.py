@@ -291,7 +291,7 @@ Slot.__module__ = "capgate"
 class _SlotContext:
     """What ``gate.slot(...)`` returns: ``async with`` it to hold a :class:`Slot`."""
 
-    __slots__ = ("_allowed", "_gate", "_priority", "_slot", "_timeout")
+    __slots__ = ("_allowed", "_entering", "_gate", "_priority", "_slot", "_timeout")
 
     def __init__(
         self,
@@ -305,13 +305,18 @@ class _SlotContext:
         self._timeout = timeout
         self._priority = priority
         self._slot: Slot | None = None
+        self._entering = False  # a task waits in __aenter__: _slot is not set yet
 
     async def __aenter__(self) -> Slot:
-        if self._slot is not None:
+        if self._slot is not None or self._entering:
             raise RuntimeError(
                 "this gate.slot() context is already entered; call gate.slot() again"
             )
-        self._slot = await self._gate._acquire(self._allowed, self._timeout, self._priority)
+        self._entering = True
+        try:
+            self._slot = await self._gate._acquire(self._allowed, self._timeout, self._priority)
+        finally:
+            self._entering = False
         return self._slot
 
     async def __aexit__(

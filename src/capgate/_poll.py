@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -120,7 +121,8 @@ def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 
 def _excerpt(text: str, limit: int = 200, *, secret: str = "") -> str:
     if secret:  # a server (or proxy) echoing the Authorization header must not leak it
-        text = text.replace(secret, "<token>")
+        # in any case: URL hosts come back lowercased
+        text = re.sub(re.escape(secret), "<token>", text, flags=re.IGNORECASE)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -202,9 +204,10 @@ async def fetch_snapshot(
                         location = response.headers.get("location", "")
                         next_url = target.join(location)
                         if not _same_origin(next_url, url):
+                            origin = f"{next_url.scheme}://{next_url.host}"
                             raise PollError(
                                 f"{name}: refused a redirect to another origin "
-                                f"({next_url.scheme}://{next_url.host})",
+                                f"({_excerpt(origin, secret=secret.reveal())})",
                                 status_code=response.status_code,
                             )
                         target = next_url
