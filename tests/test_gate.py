@@ -126,6 +126,11 @@ def test_plain_http_refused_off_loopback():
     ("options", "error", "message"),
     [
         ({"poll_interval": 0}, ValueError, r"^poll_interval must be a finite number > 0, got 0$"),
+        (
+            {"poll_interval": 1e300},
+            ValueError,
+            r"^poll_interval must be at most 86400 s, got 1e\+300$",
+        ),
         ({"poll_interval": "5"}, TypeError, r"^poll_interval must be a number, not str$"),
         ({"strategy": "random"}, ValueError, r"^unknown strategy 'random'; use one of "),
         ({"max_jobs": 0}, ValueError, r"^max_jobs must be >= 1, got 0$"),

@@ -296,3 +296,18 @@ async def test_errors_never_carry_the_token(as_json):
 
     with pytest.raises(PollError, match=r"^ltxstudio: HTTP 500: bad header Bearer <token>$"):
         await fetch(handler)
+
+
+@pytestmark_async
+async def test_errors_never_carry_a_json_escaped_token():
+    """A token with a slash, echoed JSON-escaped in an error body, is masked too."""
+    token = "abc/def-123"
+
+    def handler(request):
+        return httpx.Response(500, text='{"detail": "bad abc\\/def-123"}')  # as JS escapes
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(PollError) as caught:
+            await fetch_snapshot(client, URL, token, LTX, timeout=5.0)
+    assert "abc\\/def" not in str(caught.value)
+    assert "<token>" in str(caught.value)

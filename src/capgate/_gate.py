@@ -57,6 +57,8 @@ log = structlog.get_logger("capgate")
 
 #: invalidate() never brings a poll closer than this to the previous one (seconds)
 INVALIDATE_FLOOR = 0.5
+#: the longest poll_interval accepted (a day): past it, waiters would never see a poll
+MAX_POLL_INTERVAL = 86400.0
 #: a Retry-After longer than this is taken as this (seconds)
 MAX_RETRY_AFTER = 3600.0
 #: create answers meaning "busy after all": 429, and MiniMax's 502/504 (provider busy)
@@ -410,6 +412,10 @@ class CapacityGate:
         if client is not None and not isinstance(client, httpx.AsyncClient):
             raise TypeError(f"client must be an httpx.AsyncClient, not {type(client).__name__}")
         self._poll_interval = _number("poll_interval", poll_interval, minimum=0)
+        if self._poll_interval > MAX_POLL_INTERVAL:
+            raise ValueError(
+                f"poll_interval must be at most {MAX_POLL_INTERVAL:g} s, got {poll_interval!r}"
+            )
         self._accounts = None if accounts is None else _account_set(accounts, "accounts")
         self._allow = None if self._accounts is None else frozenset(self._accounts)
         if max_jobs is not None:

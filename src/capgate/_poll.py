@@ -121,8 +121,10 @@ def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 
 def _excerpt(text: str, limit: int = 200, *, secret: str = "") -> str:
     if secret:  # a server (or proxy) echoing the Authorization header must not leak it
-        # in any case: URL hosts come back lowercased
-        text = re.sub(re.escape(secret), "<token>", text, flags=re.IGNORECASE)
+        # in any case (URL hosts come back lowercased), and as JSON would escape it
+        escaped = json.dumps(secret)[1:-1]
+        for form in {secret, escaped, escaped.replace("/", "\\/")}:
+            text = re.sub(re.escape(form), "<token>", text, flags=re.IGNORECASE)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
