@@ -106,10 +106,10 @@ from ._gate import Wakeup, now_or_none
 from ._ledger import Reservation
 from ._models import (
     AccountCapacity,
-    AccountStatistics,
     ExecutingJob,
     GateStatistics,
     Snapshot,
+    account_statistics,
 )
 from ._poll import fetch_snapshot
 
@@ -1057,23 +1057,16 @@ class Fleet:
         state = self._state
         spent = state.since(now)
         fresh = self._snapshot is not None and state.fresh_in - spent > 0
-        quarantined = self._quarantined()
-        rows: list[AccountStatistics] = []
-        capacity = 0
-        free_total = 0
-        listed: set[str] = set()
+        rows, capacity, free_total = account_statistics(
+            self._snapshot,
+            allow=gate._allow,
+            cap=gate._ledger.cap,
+            free=lambda a: self._free(a) if fresh else 0,
+            reserved=lambda a: state.pending.get(a, 0),
+            busy=state.busy.__contains__,
+            quarantined=self._quarantined(),
+        )
         snapshot = self._snapshot
-        for row in snapshot.accounts if snapshot is not None else ():
-            if gate._allow is not None and row.account not in gate._allow:
-                continue
-            listed.add(row.account)
-            cap = gate._ledger.cap(row)
-            capacity += cap or 0
-            free = self._free(row.account) if fresh else 0
-            free_total += free
-            rows.append(self._account_stats(row.account, cap, row.busy, free, quarantined))
-        for account in sorted(set(quarantined) - listed):
-            rows.append(self._account_stats(account, None, None, 0, quarantined))
         return GateStatistics(
             service=self._service,
             waiting=state.waiting,
@@ -1087,7 +1080,7 @@ class Fleet:
             polls_failed=state.polls_failed,
             last_poll_error=state.last_error,
             snapshot_age=None if snapshot is None or now is None else now - snapshot.requested_at,
-            accounts=tuple(rows),
+            accounts=rows,
         )
 
     def _free(self, account: str) -> int:
@@ -1095,26 +1088,6 @@ class Fleet:
         if account in state.busy or account in self._quarantined():
             return 0
         return max(0, state.limit.get(account, 0) - state.pending.get(account, 0))
-
-    def _account_stats(
-        self,
-        account: str,
-        cap: int | None,
-        executing: int | None,
-        free: int,
-        quarantined: dict[str, tuple[float, str]],
-    ) -> AccountStatistics:
-        entry = quarantined.get(account)
-        return AccountStatistics(
-            account=account,
-            max_jobs=cap,
-            executing=executing,
-            reserved=self._state.pending.get(account, 0),
-            free=free,
-            busy=account in self._state.busy,
-            quarantined_for=None if entry is None else max(0.0, entry[0]),
-            quarantine_reason="" if entry is None else entry[1],
-        )
 
     def describe(self) -> str:
         """The body of the gate's repr."""

@@ -42,7 +42,7 @@ from ._errors import (
     SubmissionFailed,
 )
 from ._ledger import Ledger, Reservation
-from ._models import AccountStatistics, GateStatistics, Snapshot
+from ._models import GateStatistics, Snapshot, account_statistics
 from ._poll import Secret, check_url, fetch_snapshot
 from ._services import get_service
 from ._strategy import STRATEGIES, Candidate, Picker, Strategy
@@ -764,23 +764,21 @@ class CapacityGate:
             return self._fleet.statistics()
         now = now_or_none()
         snapshot = self._ledger.snapshot
-        rows: list[AccountStatistics] = []
-        capacity = 0
-        free_total = 0
         fresh = self._fresh(now)
-        quarantined = self._ledger.quarantine_items(now) if now is not None else {}
-        listed: set[str] = set()
-        for row in snapshot.accounts if snapshot is not None else ():
-            if self._allow is not None and row.account not in self._allow:
-                continue
-            listed.add(row.account)
-            cap = self._ledger.cap(row)
-            capacity += cap or 0
-            free = self._ledger.free(row.account, now=now) if fresh else 0
-            free_total += free
-            rows.append(self._account_stats(row.account, cap, row.busy, free, quarantined, now))
-        for account in sorted(set(quarantined) - listed):
-            rows.append(self._account_stats(account, None, None, 0, quarantined, now))
+        rows, capacity, free_total = account_statistics(
+            snapshot,
+            allow=self._allow,
+            cap=self._ledger.cap,
+            free=lambda a: self._ledger.free(a, now=now) if fresh else 0,
+            reserved=self._ledger.pending,
+            busy=self._ledger.is_busy,
+            quarantined={
+                a: (math.inf if until is None or now is None else until - now, reason)
+                for a, (until, reason) in (
+                    self._ledger.quarantine_items(now) if now is not None else {}
+                ).items()
+            },
+        )
         return GateStatistics(
             service=self.service,
             waiting=self._waiting,
@@ -794,32 +792,7 @@ class CapacityGate:
             polls_failed=self._polls_failed,
             last_poll_error=self._last_error,
             snapshot_age=None if snapshot is None or now is None else now - snapshot.requested_at,
-            accounts=tuple(rows),
-        )
-
-    def _account_stats(
-        self,
-        account: str,
-        cap: int | None,
-        executing: int | None,
-        free: int,
-        quarantined: Mapping[str, tuple[float | None, str]],
-        now: float | None,
-    ) -> AccountStatistics:
-        entry = quarantined.get(account)
-        left = None
-        if entry is not None:
-            until = entry[0]
-            left = math.inf if until is None or now is None else max(0.0, until - now)
-        return AccountStatistics(
-            account=account,
-            max_jobs=cap,
-            executing=executing,
-            reserved=self._ledger.pending(account),
-            free=free,
-            busy=self._ledger.is_busy(account),
-            quarantined_for=left,
-            quarantine_reason="" if entry is None else entry[1],
+            accounts=rows,
         )
 
     async def aclose(self) -> None:

@@ -8,7 +8,7 @@ is skipped and reported, and the rest of the answer is used.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -22,6 +22,7 @@ __all__ = [
     "ExecutingJob",
     "GateStatistics",
     "Snapshot",
+    "account_statistics",
     "parse_snapshot",
 ]
 
@@ -195,6 +196,64 @@ class GateStatistics:
     last_poll_error: str | None
     snapshot_age: float | None
     accounts: tuple[AccountStatistics, ...] = ()
+
+
+def account_statistics(
+    snapshot: Snapshot | None,
+    *,
+    allow: frozenset[str] | None,
+    cap: Callable[[AccountCapacity], int | None],
+    free: Callable[[str], int],
+    reserved: Callable[[str], int],
+    busy: Callable[[str], bool],
+    quarantined: Mapping[str, tuple[float, str]],
+) -> tuple[tuple[AccountStatistics, ...], int, int]:
+    """Per-account statistics, as either engine (local or fleet) sees its accounts.
+
+    Args:
+        snapshot: The latest snapshot, if any.
+        allow: The gate's allow-list.
+        cap: The cap in force for a row.
+        free: Slots grantable now on an account (0 when the snapshot is stale).
+        reserved: Reservations the snapshot does not reflect yet.
+        busy: Whether an account is marked busy.
+        quarantined: Account -> (seconds of quarantine left, reason).
+
+    Returns:
+        The rows (snapshot order, then quarantined accounts it left out), the sum of the
+        caps and the sum of the free slots.
+    """
+    rows: list[AccountStatistics] = []
+    capacity = free_total = 0
+
+    def one(account: str, max_jobs: int | None, executing: int | None, n: int) -> None:
+        entry = quarantined.get(account)
+        rows.append(
+            AccountStatistics(
+                account=account,
+                max_jobs=max_jobs,
+                executing=executing,
+                reserved=reserved(account),
+                free=n,
+                busy=busy(account),
+                quarantined_for=None if entry is None else max(0.0, entry[0]),
+                quarantine_reason="" if entry is None else entry[1],
+            )
+        )
+
+    listed: set[str] = set()
+    for row in snapshot.accounts if snapshot is not None else ():
+        if allow is not None and row.account not in allow:
+            continue
+        listed.add(row.account)
+        limit = cap(row)
+        capacity += limit or 0
+        n = free(row.account)
+        free_total += n
+        one(row.account, limit, row.busy, n)
+    for account in sorted(set(quarantined) - listed):
+        one(account, None, None, 0)
+    return tuple(rows), capacity, free_total
 
 
 for _cls in (AccountCapacity, ExecutingJob, Snapshot, AccountStatistics, GateStatistics):
