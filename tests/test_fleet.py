@@ -31,29 +31,16 @@ import structlog
 from capgate import AccountQuarantined, AuthenticationError, CapacityGate, GateClosed, SlotTimeout
 from capgate.redis import RedisStore
 from capgate.testing import FakeScheduler, serve
+from redis_support import REDIS_URL, delete_namespace, needs_redis, reachable
 
-REDIS_URL = os.environ.get("CAPGATE_REDIS_URL", "redis://127.0.0.1:6379/15")
 WORKER = Path(__file__).with_name("fleet_worker.py")
-
-
-def _reachable(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
 
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.redis,
     pytest.mark.loopback,
-    pytest.mark.skipif(
-        not _reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL} (set CAPGATE_REDIS_URL)"
-    ),
+    needs_redis,
 ]
 
 
@@ -68,13 +55,7 @@ def namespace() -> Iterator[str]:
     """A namespace of its own for each test; its keys are deleted afterwards."""
     name = f"capgate-test-{uuid.uuid4().hex[:12]}"
     yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{name}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_namespace(name)
 
 
 @pytest.fixture
@@ -561,7 +542,7 @@ class PrivateRedis:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 5
-        while not _reachable(self.url):
+        while not reachable(self.url):
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 from capgate import CapacityGate
 from capgate.testing import FakeScheduler
 from conftest import P
+from redis_support import REDIS_URL, delete_namespace, needs_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -112,21 +112,6 @@ async def test_huge_integer_started_is_ignored_not_a_failed_poll(make_gate):
 # --- fleet mode -----------------------------------------------------------------------------------
 
 
-def _redis_reachable(url: str) -> bool:
-    try:
-        import redis
-    except ImportError:
-        return False
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
 async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     with anyio.fail_after(timeout):
         while True:
@@ -135,10 +120,7 @@ async def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
-REDIS_URL = os.environ.get("CAPGATE_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@pytest.mark.skipif(not _redis_reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@needs_redis
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_fleet_driver_role_survives_driver_and_successor_leaving_together(anyio_backend):
     """Fleet mode: the same race as in-process; the third waiter must still get its slot.
@@ -146,7 +128,6 @@ async def test_fleet_driver_role_survives_driver_and_successor_leaving_together(
     Regression: Fleet._leave() woke a successor only when the driver left, so a successor
     cancelled before it ran again left the role vacant and the other waiters asleep.
     """
-    import redis
 
     from capgate.redis import RedisStore
     from capgate.testing import serve
@@ -186,17 +167,11 @@ async def test_fleet_driver_role_survives_driver_and_successor_leaving_together(
             finally:
                 await gate.aclose()
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            keys = list(client.scan_iter(match=f"{namespace}:*"))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        delete_namespace(namespace)
     assert got == [A]
 
 
-@pytest.mark.skipif(not _redis_reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@needs_redis
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_fleet_waiter_cancelled_after_its_grant_never_enters_the_body(
     anyio_backend, monkeypatch
@@ -207,7 +182,6 @@ async def test_fleet_waiter_cancelled_after_its_grant_never_enters_the_body(
     grant, so the body of a cancelled waiter started, and on leaving it the slot was settled
     (counted until a later poll) instead of going straight to the next waiter, as in-process.
     """
-    import redis
 
     from capgate import _fleet
     from capgate.redis import RedisStore
@@ -243,17 +217,11 @@ async def test_fleet_waiter_cancelled_after_its_grant_never_enters_the_body(
             finally:
                 await gate.aclose()
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            keys = list(client.scan_iter(match=f"{namespace}:*"))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        delete_namespace(namespace)
     assert entered == []
 
 
-@pytest.mark.skipif(not _redis_reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@needs_redis
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_fleet_survives_counts_too_big_for_a_double(anyio_backend):
     """Fleet mode: a row with a count past 1.8e308 (inf in Lua's doubles) is skipped.
@@ -262,7 +230,6 @@ async def test_fleet_survives_counts_too_big_for_a_double(anyio_backend):
     script that returned the state failed: the fleet took Redis for down and granted
     nothing at all, on any account, while that snapshot lasted.
     """
-    import redis
 
     from capgate.redis import RedisStore
 
@@ -283,13 +250,7 @@ async def test_fleet_survives_counts_too_big_for_a_double(anyio_backend):
                     assert slot.account == B
         finally:
             await gate.aclose()
-            client_ = redis.Redis.from_url(REDIS_URL)
-            try:
-                keys = list(client_.scan_iter(match=f"{namespace}:*"))
-                if keys:
-                    client_.delete(*keys)
-            finally:
-                client_.close()
+            delete_namespace(namespace)
 
 
 # --- secrets --------------------------------------------------------------------------------------
