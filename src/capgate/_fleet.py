@@ -91,7 +91,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 import redis as _redis
-import structlog
 
 from ._errors import (
     AccountQuarantined,
@@ -104,6 +103,7 @@ from ._errors import (
 from ._fleet_lua import SCRIPTS
 from ._gate import Wakeup, now_or_none
 from ._ledger import Reservation
+from ._log import log
 from ._models import (
     AccountCapacity,
     ExecutingJob,
@@ -119,7 +119,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Fleet"]
 
-log = structlog.get_logger("capgate")
 
 #: invalidate() never brings a poll closer than this to the previous one (seconds)
 INVALIDATE_FLOOR = 0.5
@@ -156,6 +155,7 @@ class _State:
         "fresh_in",
         "grace_in",
         "held",
+        "lag",
         "last_error",
         "limit",
         "pending",
@@ -188,6 +188,7 @@ class _State:
         self.quar: dict[str, tuple[float, str]] = {
             k: (float(v[0]), str(v[1])) for k, v in _mapping(d.get("quar")).items()
         }
+        self.lag = float(d.get("lag", 0.0))
         self.polls = int(d.get("polls", 0))
         self.polls_failed = int(d.get("polls_failed", 0))
         self.failures = int(d.get("failures", 0))
@@ -1081,6 +1082,9 @@ class Fleet:
             last_poll_error=state.last_error,
             snapshot_age=None if snapshot is None or now is None else now - snapshot.requested_at,
             accounts=rows,
+            lag=state.lag,
+            wait_buckets=gate._waits.buckets(),
+            wait_sum=gate._waits.total,
         )
 
     def _free(self, account: str) -> int:

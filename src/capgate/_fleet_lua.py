@@ -288,6 +288,7 @@ local function state(known_tick)
     if NOW < qd.u then q[flat[i]] = {qd.u - NOW, qd.r} end
   end
   s.quar = q
+  s.lag = mget('lag', 0)
   s.polls = mget('polls', 0)
   s.polls_failed = mget('polls_failed', 0)
   s.failures = mget('failures', 0)

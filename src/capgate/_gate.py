@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 import httpx
-import structlog
 
 from ._errors import (
     AccountQuarantined,
@@ -42,7 +41,8 @@ from ._errors import (
     SubmissionFailed,
 )
 from ._ledger import Ledger, Reservation
-from ._models import GateStatistics, Snapshot, account_statistics
+from ._log import log
+from ._models import GateStatistics, Snapshot, WaitHistogram, account_statistics
 from ._poll import Secret, check_url, fetch_snapshot
 from ._services import get_service
 from ._strategy import STRATEGIES, Candidate, Picker, Strategy
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CapacityGate", "Slot"]
 
-log = structlog.get_logger("capgate")
 
 #: invalidate() never brings a poll closer than this to the previous one (seconds)
 INVALIDATE_FLOOR = 0.5
@@ -194,6 +193,7 @@ class Slot:
         self._res = res
         self._account = res.account
         self._waited = waited
+        gate._waits.observe(waited)
         self._state = "held"  # -> "submitted" | "released" | "given back"
         self._job_id: str | None = None
 
@@ -477,6 +477,7 @@ class CapacityGate:
 
         self._grants = 0
         self._timeouts = 0
+        self._waits = WaitHistogram()
         self._polls = 0
         self._polls_failed = 0
 
@@ -793,6 +794,9 @@ class CapacityGate:
             last_poll_error=self._last_error,
             snapshot_age=None if snapshot is None or now is None else now - snapshot.requested_at,
             accounts=rows,
+            lag=self._ledger.lag,
+            wait_buckets=self._waits.buckets(),
+            wait_sum=self._waits.total,
         )
 
     async def aclose(self) -> None:

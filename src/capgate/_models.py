@@ -17,11 +17,13 @@ from ._errors import PollError
 from ._services import Service
 
 __all__ = [
+    "WAIT_BUCKETS",
     "AccountCapacity",
     "AccountStatistics",
     "ExecutingJob",
     "GateStatistics",
     "Snapshot",
+    "WaitHistogram",
     "account_statistics",
     "parse_snapshot",
 ]
@@ -181,6 +183,12 @@ class GateStatistics:
         last_poll_error: The latest failure's message, until a poll succeeds.
         snapshot_age: Seconds since the latest snapshot was requested; ``None`` if none yet.
         accounts: Per-account detail, in the latest snapshot's order, then quarantined ones.
+        lag: How far behind the service's counts have been seen to run, in seconds (``0.0``
+            until a lag is seen).
+        wait_buckets: How long granted callers waited: ``(upper bound in seconds, grants
+            that waited at most that long)`` per bound of :data:`WAIT_BUCKETS`, cumulative,
+            the last bound ``inf`` (a Prometheus histogram's shape). This gate's own grants.
+        wait_sum: Seconds waited, summed over this gate's grants.
     """
 
     service: str
@@ -196,6 +204,54 @@ class GateStatistics:
     last_poll_error: str | None
     snapshot_age: float | None
     accounts: tuple[AccountStatistics, ...] = ()
+    lag: float = 0.0
+    wait_buckets: tuple[tuple[float, int], ...] = ()
+    wait_sum: float = 0.0
+
+
+#: the upper bounds (seconds) of GateStatistics.wait_buckets
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.05,
+    0.1,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    math.inf,
+)
+
+
+class WaitHistogram:
+    """How long grants waited, counted per bound of :data:`WAIT_BUCKETS` (internal)."""
+
+    __slots__ = ("_counts", "total")
+
+    def __init__(self) -> None:
+        self._counts = [0] * len(WAIT_BUCKETS)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(WAIT_BUCKETS):
+            if seconds <= bound:
+                self._counts[i] += 1
+                break
+        self.total += seconds
+
+    def buckets(self) -> tuple[tuple[float, int], ...]:
+        """Cumulative counts per upper bound."""
+        out, running = [], 0
+        for bound, n in zip(WAIT_BUCKETS, self._counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return tuple(out)
 
 
 def account_statistics(
