@@ -89,7 +89,7 @@ def backoff_delay(
     (``u`` in [0, 1) draws the point), never shorter than a ``Retry-After`` (capped at
     :data:`MAX_RETRY_AFTER`).
     """
-    ceiling = min(max_backoff, interval * 2 ** min(failures, 30))
+    ceiling = min(max_backoff, interval * 2.0 ** min(failures, 30))
     delay = interval + u * (max(interval, ceiling) - interval)
     if retry_after is not None and not math.isnan(retry_after):
         delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
