@@ -5,9 +5,16 @@ live displays, uvicorn serves the simulator, matplotlib draws plots, trio runs s
 in virtual time. They are imported inside the commands that use them, so the library
 itself never needs them.
 
-Exit codes: 0 success (and Ctrl-C in ``watch`` and ``serve-fake``, which run until it);
-1 the demo saw something wrong (a 429); 2 bad arguments, no token, a refused token, or no
-answer from the server; 130 Ctrl-C in ``demo`` or ``simulate``.
+Exit codes: 0 success (and Ctrl-C or SIGTERM in ``watch`` and ``serve-fake``, which run
+until then); 1 the demo saw something wrong (a 429); 2 bad arguments, no token, a refused
+token, or no answer from the server; 130 Ctrl-C in ``demo``, ``status`` or ``simulate``;
+141 the reader of stdout left early (``capgate simulate --json | head -c 1``): the command
+stops quietly, without a traceback, as ``git`` and ``ls`` do when a shell reports them
+killed by SIGPIPE (128 + 13).
+
+Output works in pipes and files as on a terminal: where stdout is not a terminal, ``watch``
+prints one block per poll (one JSON line with ``--json``) and flushes it, and live displays
+end on a line of their own.
 
 An application may configure logging and this one does: library events go to stderr,
 warnings only by default (``-v`` for info, ``-vv`` for debug), so they never garble a live
@@ -18,12 +25,14 @@ unless ``-v`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +56,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `ls | head` when ls is cut off
 
 _EXTRA_HINT = "the capgate command line needs its extra: pip install 'capgate[cli]'"
 
@@ -135,28 +145,88 @@ def _accounts(text: str) -> dict[str, int]:
 # --- logging -----------------------------------------------------------------------------
 
 
-class _StderrLogger:
-    """Writes each line to whatever ``sys.stderr`` is *now*: rich's live display swaps it
-    for a proxy that prints above the display, and a logger holding the original stream
+class _StderrHandler(logging.Handler):
+    """Writes each record to whatever ``sys.stderr`` is *now*: rich's live display swaps it
+    for a proxy that prints above the display, and a handler holding the original stream
     would draw through it."""
 
-    def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
+            self.handleError(record)
 
-    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
-
-def _configure_logging(level: int) -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *args: _StderrLogger(),
-        cache_logger_on_first_use=False,
+@contextlib.contextmanager
+def _library_log(level: int) -> Iterator[None]:
+    """Show the library's events of ``level`` and above on stderr, as structlog's console
+    lines; put the ``capgate`` logger back as it was afterwards (main() may run inside
+    another program, or a test)."""
+    logger = logging.getLogger("capgate")
+    handler = _StderrHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+                structlog.dev.ConsoleRenderer(colors=False),
+            ],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            ],
+        )
     )
+    previous = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # the application's own handlers would show each line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
+
+
+# --- pipes and signals -------------------------------------------------------------------
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """A BrokenPipeError, alone or inside the exception groups of task groups."""
+    if isinstance(exc, BrokenPipeError):
+        return True
+    inner: Sequence[BaseException] = getattr(exc, "exceptions", ())
+    return bool(inner) and all(_is_broken_pipe(e) for e in inner)
+
+
+def _stdout_to_devnull() -> None:
+    """The reader of stdout left: send what is still buffered, and anything Python flushes
+    on exit, to /dev/null, so the interpreter's own last flush cannot fail with a traceback
+    (the recipe of the ``signal`` module's documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``kill``, a service manager stopping us) ends the command as Ctrl-C does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() inside another program): leave it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- shared output -----------------------------------------------------------------------
@@ -294,6 +364,8 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     )
     wall = time.perf_counter() - wall
+    if not console.is_terminal:
+        console.line()  # in a file or pipe, the live display's last frame ends mid-line
     result = outcome.result
     title = f"capgate demo: done in {wall:.1f} s"
     console.print(_summary(result, title, peak=outcome.peak, busy_share=outcome.busy_share))
@@ -335,8 +407,11 @@ def _cmd_simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             )
         )
     if args.plot is not None:
-        plot_timeline(result, args.plot)
-        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        try:
+            written = plot_timeline(result, args.plot)
+        except (ValueError, OSError) as exc:  # an unknown image format, a file we may not write
+            raise _Failure(f"--plot: {exc}") from None
+        print(f"plot written to {written}", file=sys.stderr if args.json else sys.stdout)
     return EXIT_OK
 
 
@@ -352,9 +427,31 @@ def _token() -> str:
     return token
 
 
+def _service_of(args: argparse.Namespace) -> str:
+    """``--service`` if given, else the service ``--url`` names, else ltxstudio.
+
+    useapi's URLs are ``/<version>/<service>/scheduler/available``; ``capgate serve-fake``
+    serves the same paths, so its URL says which service it simulates.
+    """
+    if args.service is not None:
+        return str(args.service)
+    if args.url:
+        import httpx
+
+        try:
+            parts = httpx.URL(args.url).path.strip("/").split("/")
+        except httpx.InvalidURL:
+            parts = []  # CapacityGate says what is wrong with it
+        if len(parts) >= 2 and parts[1] in SERVICES and parts[2:] == ["scheduler", "available"]:
+            return parts[1]
+    return "ltxstudio"
+
+
 def _open_gate(args: argparse.Namespace) -> CapacityGate:
     try:
-        return CapacityGate(_token(), service=args.service, url=args.url, poll_timeout=args.timeout)
+        return CapacityGate(
+            _token(), service=_service_of(args), url=args.url, poll_timeout=args.timeout
+        )
     except (CapacityGateError, ValueError, TypeError) as exc:
         raise _Failure(str(exc)) from None
 
@@ -464,6 +561,39 @@ def _status_view(
     return Group(*parts)
 
 
+def _skipped(gate: CapacityGate, snapshot: Snapshot) -> str:
+    """What to say about rows of the answer the gate could not read, or ``""``.
+
+    Rows in another service's shape (``--service`` not matching the URL) all fail this way:
+    saying so beats an empty table that reads as "every account is busy".
+    """
+    if not snapshot.skipped:
+        return ""
+    key = SERVICES[gate.service].account_key
+    rows = _count(snapshot.skipped, "row")
+    return (
+        f"{gate.service}: skipped {rows} of the answer that could not be read "
+        f"({gate.service} names the account in {key!r}); is --service right?"
+    )
+
+
+def _unreadable(gate: CapacityGate, snapshot: Snapshot) -> None:
+    """Fail when rows were skipped and nothing else was readable."""
+    if snapshot.skipped and not snapshot.accounts and not snapshot.executing:
+        raise _Failure(_skipped(gate, snapshot))
+
+
+def _status_json(gate: CapacityGate, snapshot: Snapshot) -> dict[str, Any]:
+    accounts, jobs = _snapshot_rows(snapshot)
+    return {
+        "service": gate.service,
+        "url": gate.url,
+        "accounts": accounts,
+        "executing": jobs,
+        "skipped": snapshot.skipped,
+    }
+
+
 async def _status(args: argparse.Namespace) -> int:
     gate = _open_gate(args)
     try:
@@ -473,10 +603,11 @@ async def _status(args: argparse.Namespace) -> int:
             raise _poll_failure(gate, exc) from None
     finally:
         await gate.aclose()
+    _unreadable(gate, snapshot)
+    if snapshot.skipped:
+        print(f"capgate: warning: {_skipped(gate, snapshot)}", file=sys.stderr)
     if args.json:
-        accounts, jobs = _snapshot_rows(snapshot)
-        out = {"service": gate.service, "url": gate.url, "accounts": accounts, "executing": jobs}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(_status_json(gate, snapshot), indent=2))
     else:
         _console().print(_status_view(gate, snapshot))
     return EXIT_OK
@@ -487,6 +618,9 @@ def _cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 async def _watch(args: argparse.Namespace) -> int:
+    """Poll every interval until Ctrl-C: live tables on a terminal; elsewhere (a file, a
+    pipe) or with ``--json``, one block or one JSON line per poll, flushed as it is written,
+    so ``capgate watch > log`` holds every poll so far whenever it is stopped."""
     from rich.console import Group
     from rich.live import Live
     from rich.text import Text
@@ -496,24 +630,48 @@ async def _watch(args: argparse.Namespace) -> int:
 
     gate = _open_gate(args)
     console = _console()
+    live_display = console.is_terminal and not args.json
     try:
         try:
             snapshot = await gate.refresh()  # a first failure is a setup error: say so, exit 2
         except CapacityGateError as exc:
             raise _poll_failure(gate, exc) from None
+        _unreadable(gate, snapshot)
         answered, error = clock(), ""
-        with Live(console=console, auto_refresh=False) as live:
+        with contextlib.ExitStack() as stack:
+            live = (
+                stack.enter_context(Live(console=console, auto_refresh=False))
+                if live_display
+                else None
+            )
             while True:
-                footer = (
-                    f"{gate.url} · every {args.interval:g} s · last answer {answered} · "
-                    "Ctrl-C to stop"
-                )
-                view = _status_view(
-                    gate, snapshot, footer=footer, max_jobs_shown=max(3, console.height - 18)
-                )
-                if error:  # keep the last good tables on screen, and say they are old
-                    view = Group(view, Text(error, style="yellow"))
-                live.update(view, refresh=True)
+                if args.json:
+                    line: dict[str, Any] = {"time": datetime.now(timezone.utc).isoformat()}
+                    if error:
+                        line.update(service=gate.service, url=gate.url, error=error)
+                    else:
+                        line.update(_status_json(gate, snapshot))
+                    print(json.dumps(line), flush=True)
+                else:
+                    footer = (
+                        f"{gate.url} · every {args.interval:g} s · last answer {answered} · "
+                        "Ctrl-C to stop"
+                    )
+                    view: RenderableType = _status_view(
+                        gate,
+                        snapshot,
+                        footer=footer,
+                        max_jobs_shown=max(3, console.height - 18) if live else 0,
+                    )
+                    notes = [note for note in (_skipped(gate, snapshot), error) if note]
+                    if notes:  # keep the last good tables, and say they are old
+                        view = Group(view, *(Text(note, style="yellow") for note in notes))
+                    if live is not None:
+                        live.update(view, refresh=True)
+                    else:
+                        console.print(view)
+                        console.print()  # a blank line between polls
+                        sys.stdout.flush()
                 await anyio.sleep(args.interval)
                 try:
                     snapshot = await gate.refresh()
@@ -523,14 +681,16 @@ async def _watch(args: argparse.Namespace) -> int:
                 except PollError as exc:  # transient: say so and try again next interval
                     error = f"poll failed at {clock()}: {exc}; retrying"
     finally:
-        await gate.aclose()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await gate.aclose()
 
 
 def _cmd_watch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        return anyio.run(_watch, args)
+        with _sigterm_as_ctrl_c():
+            return anyio.run(_watch, args)
     except KeyboardInterrupt:
-        return EXIT_OK  # Ctrl-C is how a watch ends
+        return EXIT_OK  # Ctrl-C (or SIGTERM) is how a watch ends
 
 
 # --- serve-fake --------------------------------------------------------------------------
@@ -550,6 +710,8 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         import socket
 
         with socket.socket() as probe:  # say it plainly, before uvicorn logs a traceback
+            # as uvicorn does: a port left in TIME_WAIT by our own last run is free to reuse
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", args.port))
             except OSError as exc:
@@ -562,7 +724,7 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         seed=args.seed,
     )
     try:
-        with serve(fake, port=args.port) as url:
+        with _sigterm_as_ctrl_c(), serve(fake, port=args.port) as url:
             import httpx
 
             create = str(httpx.URL(url).copy_with(path=httpx.URL(fake.create_url).path))
@@ -653,7 +815,12 @@ def _add_service(p: argparse.ArgumentParser) -> None:
 
 
 def _add_poll_options(p: argparse.ArgumentParser) -> None:
-    _add_service(p)
+    p.add_argument(
+        "--service",
+        choices=sorted(SERVICES),
+        default=None,
+        help="which useapi.net service (default: the one --url names, else ltxstudio)",
+    )
     p.add_argument(
         "--url",
         help="poll this URL instead of the service's (a proxy, or `capgate serve-fake`)",
@@ -726,6 +893,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds between polls (default: 5, the spacing useapi's own tools use)",
     )
+    watch.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line per poll instead of tables (for scripts and log files)",
+    )
     watch.set_defaults(func=_cmd_watch, quiet=True)
 
     simulate = commands.add_parser(
@@ -789,16 +961,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
-    was_configured = structlog.is_configured()
-    previous = structlog.get_config()
     if args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
     else:
         level = logging.CRITICAL if args.quiet else logging.WARNING  # capgate logs no criticals
-    _configure_logging(level)
     func: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.func
     try:
-        return func(args, parser)
+        with _library_log(level):
+            code = func(args, parser)
+            sys.stdout.flush()  # here, where a reader that left can still be handled
     except _Failure as exc:
         print(f"capgate: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.code
@@ -808,9 +979,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("capgate: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        # main() may run inside another program (or a test): leave logging as it was
-        if was_configured:
-            structlog.configure(**previous)
-        else:
-            structlog.reset_defaults()
+    except Exception as exc:
+        if not _is_broken_pipe(exc):
+            raise
+        # the reader of stdout left (`capgate status --json | head -c 1`): end quietly, as
+        # git and ls do, with the code a shell shows for them
+        with contextlib.suppress(OSError, ValueError):
+            _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    else:
+        return code

@@ -6,17 +6,24 @@ to a file with no display.
 
 from __future__ import annotations
 
+import os
+
 from .simulation import SimulationResult
 
 __all__ = ["plot_timeline"]
 
 
-def plot_timeline(result: SimulationResult, path: str) -> None:
+def plot_timeline(result: SimulationResult, path: str) -> str:
     """Draw busy slots per account over time, and jobs waiting, into ``path`` (a PNG).
 
     Args:
         result: A run's figures and timeline.
-        path: The file to write.
+        path: The file to write: its extension picks the format (``.png``, ``.svg``,
+            ``.pdf``…); with none, ``.png`` is added; an existing folder gets
+            ``simulate.png`` inside it.
+
+    Returns:
+        The path written, which is what to tell the user.
     """
     import matplotlib
 
@@ -77,5 +84,10 @@ def plot_timeline(result: SimulationResult, path: str) -> None:
     bottom.set_xlim(0, xs[-1] if xs else 1)
     bottom.set_ylim(0, max(1, max(timeline.waiting, default=0)) * 1.1)
     bottom.grid(alpha=0.3)
+    if os.path.isdir(path):
+        path = os.path.join(path, "simulate.png")
+    elif not os.path.splitext(path)[1]:
+        path += ".png"  # what matplotlib would do, said out loud
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
