@@ -7,6 +7,7 @@ runs a short scenario over real loopback HTTP; ``simulate`` runs in virtual time
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -387,3 +388,258 @@ def test_simulate_plot_folder_missing(tmp_path, capsys):
         main(["simulate", "--plot", str(tmp_path / "nope" / "x.png")])
     assert info.value.code == 2
     assert "--plot: folder" in capsys.readouterr().err
+
+
+# --- logging -----------------------------------------------------------------------------
+
+
+def test_verbose_shows_library_events_on_stderr(served, monkeypatch, capsys):
+    """-v shows the library's info events (capgate.poll with its fields) on stderr only."""
+    _, url = served
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["-v", "status", "--url", url, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "capgate.poll" in captured.err
+    assert "service=ltxstudio" in captured.err or "service='ltxstudio'" in captured.err
+    assert "capgate.poll" not in captured.out
+    _no_secret(captured.out, captured.err)
+
+
+def test_main_restores_the_capgate_logger(served, monkeypatch, capsys):
+    """main() attaches its handler to the 'capgate' logger and puts level, handlers and
+    propagation back afterwards."""
+    _, url = served
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    logger = logging.getLogger("capgate")
+    before = (logger.level, list(logger.handlers), logger.propagate)
+    assert main(["-vv", "status", "--url", url]) == 0
+    assert (logger.level, list(logger.handlers), logger.propagate) == before
+
+
+# --- pipes, files and signals ------------------------------------------------------------
+
+
+def _reader_gone(*args: str) -> tuple[int, str]:
+    """Run ``capgate ARGS`` with a stdout whose reader left before the first byte."""
+    read, write = os.pipe()
+    os.close(read)  # `capgate … | true`: nobody will read
+    env = {**os.environ, "USEAPI_TOKEN": TOKEN}
+    try:
+        done = subprocess.run(  # noqa: S603 - our own interpreter, our own arguments
+            [sys.executable, "-m", "capgate", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    return done.returncode, done.stderr
+
+
+def test_status_json_to_a_reader_that_left(served):
+    """`capgate status --json | true`: no traceback, nothing on stderr, exit 141."""
+    _, url = served
+    code, err = _reader_gone("status", "--url", url, "--json")
+    assert err == ""
+    assert code == 141
+
+
+def test_simulate_json_to_a_reader_that_left():
+    """`capgate simulate --json | true`: no traceback, nothing on stderr, exit 141."""
+    code, err = _reader_gone("simulate", "--json", "--jobs", "10")
+    assert err == ""
+    assert code == 141
+
+
+def test_simulate_table_to_a_reader_that_left():
+    """The rich summary to a closed pipe ends as quietly as JSON does."""
+    code, err = _reader_gone("simulate", "--jobs", "10")
+    assert err == ""
+    assert code == 141
+
+
+def test_simulate_piped_to_head_c_1():
+    """`capgate simulate --json | head -c 1` through a real pipe: one byte, no traceback."""
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "capgate", "simulate", "--json", "--jobs", "200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert producer.stdout is not None
+    head = subprocess.run(
+        ["head", "-c", "1"],  # noqa: S607 - coreutils' head, as a user's shell finds it
+        stdin=producer.stdout,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    producer.stdout.close()  # only head holds the read end now
+    _, err = producer.communicate(timeout=60)
+    assert head.stdout == b"{"
+    assert b"Traceback" not in err
+    assert err == b""
+    assert producer.returncode in (0, 141)  # 0 if it all fit in the pipe before head left
+
+
+def test_demo_summary_on_lines_of_its_own():
+    """Piped, the demo's last frame and its summary are on separate lines."""
+    process = _capgate(*SHORT_DEMO)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "╯╭" not in out
+    assert any(line.startswith("╭─ capgate demo: done in") for line in out.splitlines())
+
+
+def test_watch_json_prints_and_flushes_a_line_per_poll(served):
+    """watch --json into a pipe: a JSON line per poll, readable while it runs; SIGTERM
+    ends it with exit 0 and no traceback."""
+    fake, url = served
+    process = _capgate("watch", "--url", url, "--interval", "0.2", "--json")
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(3)]  # would block if not flushed
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=20)
+    assert process.stderr is not None
+    with process.stdout, process.stderr:
+        err = process.stderr.read()
+    assert code == 0
+    assert err == ""
+    for line in lines:
+        data = json.loads(line)
+        assert data["service"] == "ltxstudio"
+        assert {row["account"] for row in data["accounts"]} == {"a@x.io", "b@x.io"}
+        assert len(data["executing"]) == 3
+    assert fake.polls >= 3
+
+
+def test_watch_into_a_file_keeps_every_poll_on_sigterm(served, tmp_path):
+    """`capgate watch > file` stopped by SIGTERM leaves one block per poll in the file."""
+    _, url = served
+    log = tmp_path / "watch.txt"
+    env = {**os.environ, "USEAPI_TOKEN": TOKEN, "COLUMNS": "120"}
+    with log.open("w") as out:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter, our own arguments
+            [sys.executable, "-m", "capgate", "watch", "--url", url, "--interval", "0.2"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        _wait_for(lambda: log.read_text().count("ltxstudio accounts") >= 2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=20)
+    assert process.stderr is not None
+    with process.stderr:
+        assert process.stderr.read() == ""
+    assert code == 0
+    text = log.read_text()
+    assert text.count("ltxstudio accounts") >= 2
+    assert text.count("executing jobs (3)") == text.count("ltxstudio accounts")
+
+
+def test_serve_fake_stops_on_sigterm():
+    """serve-fake ends on SIGTERM as on Ctrl-C: exit 0, no traceback."""
+    process = _capgate("serve-fake")
+    assert process.stdout is not None
+    while "scheduler  GET" not in process.stdout.readline():
+        pass
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=20)
+    assert process.stderr is not None
+    with process.stdout, process.stderr:
+        err = process.stderr.read()
+    assert code == 0
+    assert "Traceback" not in err
+    assert "stopped" in err
+
+
+def _serve_fake_url(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    while True:
+        line = process.stdout.readline()
+        assert line, process.stderr.read() if process.stderr else ""
+        if "scheduler  GET" in line:
+            return line.split("GET", 1)[1].strip()
+
+
+def test_serve_fake_restarts_at_once_on_the_same_port():
+    """Regression: serve-fake --port N stopped with a client connected could not listen on
+    N again for a minute (TIME_WAIT, no SO_REUSEADDR in the pre-bind check)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    first = _capgate("serve-fake", "--port", str(port))
+    url = _serve_fake_url(first)
+    with httpx.Client() as client:  # a kept-alive connection: the server closes it first
+        assert client.get(url, headers={"Authorization": "Bearer fake-token"}).is_success
+        code, _, err = _interrupt(first)
+    assert code == 0, err
+    second = _capgate("serve-fake", "--port", str(port))
+    try:
+        assert _serve_fake_url(second) == url
+    finally:
+        code, _, err = _interrupt(second)
+    assert code == 0, err
+
+
+# --- what the commands say ---------------------------------------------------------------
+
+
+def test_plot_without_extension_names_the_file_written(tmp_path, capsys):
+    """--plot PATH with no extension writes PATH.png and says so."""
+    target = tmp_path / "timeline"
+    assert main(["simulate", "--jobs", "10", "--plot", str(target)]) == 0
+    assert f"plot written to {target}.png\n" in capsys.readouterr().out
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_into_a_folder_names_the_file_written(tmp_path, capsys):
+    """--plot FOLDER writes FOLDER/simulate.png and says so."""
+    assert main(["simulate", "--jobs", "10", "--plot", str(tmp_path)]) == 0
+    assert f"plot written to {tmp_path / 'simulate.png'}\n" in capsys.readouterr().out
+    assert (tmp_path / "simulate.png").is_file()
+
+
+@pytest.fixture
+def minimax() -> Iterator[str]:
+    """A minimax fake on loopback (rows name the account in 'account', not 'email')."""
+    fake = FakeScheduler({"a@x.io": 2, "b@x.io": 1}, token=TOKEN, service="minimax")
+    with serve(fake) as url:
+        yield url
+
+
+def test_service_follows_the_url(minimax, monkeypatch, capsys):
+    """status --url …/v1/minimax/scheduler/available reads the answer as minimax's."""
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--url", minimax, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["service"] == "minimax"
+    assert [row["account"] for row in data["accounts"]] == ["a@x.io", "b@x.io"]
+
+
+def test_rows_of_another_service_are_an_error_not_an_empty_table(minimax, monkeypatch, capsys):
+    """Regression: --service ltxstudio on a minimax answer showed an empty table and exit 0;
+    now every row skipped is one line on stderr and exit 2."""
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--service", "ltxstudio", "--url", minimax]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "capgate: error: ltxstudio: skipped 2 rows of the answer that could not be read "
+        "(ltxstudio names the account in 'email'); is --service right?\n"
+    )
+
+
+def test_some_rows_skipped_is_a_warning(served, monkeypatch, capsys):
+    """A malformed row among good ones: the table, and a warning on stderr."""
+    fake, url = served
+    good = {"email": "b@x.io", "maxJobs": 3, "executing": 0, "available": 3}
+    fake.inject(Fault(body={"executing": [], "available": [good, {"maxJobs": 1}]}))
+    monkeypatch.setenv("USEAPI_TOKEN", TOKEN)
+    assert main(["status", "--url", url, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["account"] for row in json.loads(captured.out)["accounts"]] == ["b@x.io"]
+    assert captured.err.startswith("capgate: warning: ltxstudio: skipped 1 row of the answer")

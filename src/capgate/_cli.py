@@ -235,7 +235,13 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 def _console(*, stderr: bool = False) -> Console:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich would exit 1 itself; let main() end it as for any other output (141)
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console(stderr=stderr, highlight=False)
 
 
 def _count(n: int, noun: str) -> str:
