@@ -235,7 +235,7 @@ async def test_grants_follow_global_arrival_order(make_gate, fake_url, namespace
             tg.start_soon(waiter, name, gates[i % 2], priority)
             await _eventually(lambda n=i + 1: _at_least(namespace, n))
         holder._exit(None)
-        await gates[0]._fleet.flush()  # type: ignore[union-attr]
+        await gates[0]._engine.flush()
     assert order == ["hi", "w0", "w1", "w2", "w3"]
 
 
@@ -258,7 +258,7 @@ async def test_restricted_waiter_does_not_block_later_ones(make_gate, fake_url, 
         await _eventually(lambda: bool(got))
         assert got == ["b@x.io"]
         hold_a._exit(None)
-        await gates[0]._fleet.flush()  # type: ignore[union-attr]
+        await gates[0]._engine.flush()
     assert got == ["b@x.io", "a@x.io"]
 
 
@@ -269,7 +269,7 @@ async def test_quarantine_and_busy_marks_are_shared(make_gate, fake_url) -> None
     async with b.slot(timeout=5):
         pass
     a.quarantine("a@x.io", seconds=30, reason="HTTP 596: on hold")
-    await a._fleet.flush()  # type: ignore[union-attr]
+    await a._engine.flush()
     await b.refresh()
     with pytest.raises(AccountQuarantined, match=r"a@x.io \(HTTP 596: on hold\)") as info:
         async with b.slot(account="a@x.io", timeout=5):
@@ -283,7 +283,7 @@ async def test_quarantine_and_busy_marks_are_shared(make_gate, fake_url) -> None
         assert slot.account == "b@x.io"
         slot.mark_busy()
     b.restore("a@x.io")
-    await b._fleet.flush()  # type: ignore[union-attr]
+    await b._engine.flush()
     async with a.slot(account="a@x.io", timeout=5) as slot:
         assert slot.account == "a@x.io"
 
@@ -485,7 +485,7 @@ async def test_aclose_fails_waiters_with_gate_closed(make_gate, fake_url) -> Non
         await wait()
     assert len(errors) == 1
     holder._exit(None)
-    await other._fleet.flush()  # type: ignore[union-attr]
+    await other._engine.flush()
     async with other.slot(timeout=5) as slot:
         assert slot.account == "a@x.io"
 
@@ -501,7 +501,7 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(make_gate, fake_url, nam
             pytest.fail("granted while the only slot is held")
     assert await _waiting(namespace) == 0
     holder._exit(None)
-    await gate._fleet.flush()  # type: ignore[union-attr]
+    await gate._engine.flush()
     async with gate.slot(timeout=5) as slot:
         assert slot.account == "a@x.io"
 

@@ -18,7 +18,7 @@ from hypothesis.stateful import (
 )
 
 from capgate import AccountCapacity, ExecutingJob, Snapshot
-from capgate._ledger import Ledger
+from capgate._engine.ledger import Ledger
 
 
 class Clock:

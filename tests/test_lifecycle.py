@@ -26,7 +26,7 @@ from capgate import (
     SlotTimeout,
     SubmissionFailed,
 )
-from capgate._gate import INVALIDATE_FLOOR
+from capgate._policy import INVALIDATE_FLOOR
 from capgate.testing import FakeJob, FakeScheduler, Fault
 from conftest import P
 

@@ -8,7 +8,7 @@ is skipped and reported, and the rest of the answer is used.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -115,10 +115,16 @@ class Snapshot:
         init=False, repr=False, compare=False, default_factory=dict
     )
     _job_ids: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+    _listed: Mapping[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_account", {a.account: a for a in self.accounts})
         object.__setattr__(self, "_job_ids", frozenset(j.job_id for j in self.executing))
+        listed: dict[str, int] = {}
+        for job in self.executing:
+            if job.account is not None:
+                listed[job.account] = listed.get(job.account, 0) + 1
+        object.__setattr__(self, "_listed", listed)
 
     def account(self, name: str) -> AccountCapacity | None:
         """The row for ``name``, or ``None`` when the server left it out (full)."""
@@ -128,6 +134,19 @@ class Snapshot:
         """Free slots on ``name`` by the server's count; 0 for a missing account."""
         row = self._by_account.get(name)
         return 0 if row is None else row.free
+
+    def running(self, name: str) -> int | None:
+        """Jobs running on ``name``: the row's count, else the jobs ``executing[]`` lists for it.
+
+        A row with only ``available`` says nothing of what runs; the jobs listed under the
+        account still do (``None`` when there is neither a row count nor a listed job).
+        """
+        row = self._by_account.get(name)
+        busy = None if row is None else row.busy
+        if busy is not None:
+            return busy
+        listed = self._listed.get(name)
+        return listed
 
     def lists_job(self, job_id: str) -> bool:
         """Whether ``job_id`` is among the executing jobs."""
@@ -258,26 +277,31 @@ def account_statistics(
     snapshot: Snapshot | None,
     *,
     allow: frozenset[str] | None,
-    cap: Callable[[AccountCapacity], int | None],
-    free: Callable[[str], int],
-    reserved: Callable[[str], int],
-    busy: Callable[[str], bool],
+    caps: Mapping[str, int | None],
+    cap_unlisted: Callable[[str], int | None],
+    free: Mapping[str, int],
+    reserved: Mapping[str, int],
+    busy: Collection[str],
     quarantined: Mapping[str, tuple[float, str]],
 ) -> tuple[tuple[AccountStatistics, ...], int, int]:
-    """Per-account statistics, as either engine (local or fleet) sees its accounts.
+    """Per-account statistics, as any store's view shows its accounts.
+
+    Every account counts: the rows of ``available[]``, then (sorted) the accounts the service
+    left out of it as full but lists in ``executing[]``, and the quarantined ones.
 
     Args:
         snapshot: The latest snapshot, if any.
         allow: The gate's allow-list.
-        cap: The cap in force for a row.
-        free: Slots grantable now on an account (0 when the snapshot is stale).
-        reserved: Reservations the snapshot does not reflect yet.
-        busy: Whether an account is marked busy.
+        caps: The cap in force per row of the snapshot.
+        cap_unlisted: The cap of an account without a row (the last one seen, the local
+            cap), or ``None`` when unknown: a full account then counts its running jobs.
+        free: Slots grantable now per account (empty when the snapshot is stale).
+        reserved: Reservations per account the snapshot does not reflect yet.
+        busy: Accounts marked busy.
         quarantined: Account -> (seconds of quarantine left, reason).
 
     Returns:
-        The rows (snapshot order, then quarantined accounts it left out), the sum of the
-        caps and the sum of the free slots.
+        The rows, the sum of the caps and the sum of the free slots.
     """
     rows: list[AccountStatistics] = []
     capacity = free_total = 0
@@ -289,9 +313,9 @@ def account_statistics(
                 account=account,
                 max_jobs=max_jobs,
                 executing=executing,
-                reserved=reserved(account),
+                reserved=reserved.get(account, 0),
                 free=n,
-                busy=busy(account),
+                busy=account in busy,
                 quarantined_for=None if entry is None else max(0.0, entry[0]),
                 quarantine_reason="" if entry is None else entry[1],
             )
@@ -302,13 +326,21 @@ def account_statistics(
         if allow is not None and row.account not in allow:
             continue
         listed.add(row.account)
-        limit = cap(row)
+        limit = caps.get(row.account)
         capacity += limit or 0
-        n = free(row.account)
+        n = free.get(row.account, 0)
         free_total += n
-        one(row.account, limit, row.busy, n)
-    for account in sorted(set(quarantined) - listed):
-        one(account, None, None, 0)
+        one(row.account, limit, snapshot.running(row.account) if snapshot else row.busy, n)
+    full = {j.account for j in snapshot.executing if j.account} if snapshot is not None else set()
+    for account in sorted((full | set(quarantined)) - listed):
+        if allow is not None and account not in allow:
+            continue
+        running = None if snapshot is None else snapshot.running(account)
+        cap = cap_unlisted(account)
+        if cap is None:
+            cap = running  # left out as full: it runs as many as it may
+        capacity += cap or 0
+        one(account, cap, running, 0)
     return tuple(rows), capacity, free_total
 
 

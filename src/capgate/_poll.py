@@ -8,7 +8,6 @@ origin; redirects are followed by hand, and only within that origin.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from email.utils import parsedate_to_datetime
@@ -17,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 
+from ._config import Secret, check_url
 from ._errors import AuthenticationError, PollError
 from ._models import SkippedRow, Snapshot, parse_snapshot
 from ._services import Service
@@ -31,24 +31,6 @@ MAX_REDIRECTS = 5
 USER_AGENT = f"capgate/{__version__}"
 
 
-class Secret:
-    """Holds the token so that no repr, ``vars()`` dump or traceback's locals show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    def __reduce__(self) -> Any:
-        raise TypeError("the API token cannot be pickled")
-
-
 def _headers(secret: Secret) -> dict[str, str]:
     # built in its own frame so that no local of fetch_snapshot holds the token in clear:
     # httpx.Headers masks Authorization in its repr, a plain dict would not
@@ -57,40 +39,6 @@ def _headers(secret: Secret) -> dict[str, str]:
         "Accept": "application/json",
         "User-Agent": USER_AGENT,
     }
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_url(url: str) -> httpx.URL:
-    """Validate a scheduler URL: https anywhere, plain http only on loopback.
-
-    Raises:
-        TypeError: ``url`` is not a string.
-        ValueError: The URL is not absolute http(s), or is plain http to a non-loopback host.
-    """
-    if not isinstance(url, (str, httpx.URL)):
-        raise TypeError(f"url must be a str, not {type(url).__name__}")
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"url is not a valid URL: {exc}") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError("url must be an absolute http:// or https:// URL")
-    if parsed.scheme == "http" and not _is_loopback(parsed.host):
-        raise ValueError(
-            f"url uses plain http:// to {parsed.host}; the token would travel in clear text. "
-            "Use https://, or http:// only on a loopback host"
-        )
-    if parsed.userinfo:
-        raise ValueError("url must not carry credentials; pass the token instead")
-    return parsed
 
 
 def parse_retry_after(value: str | None, *, now_epoch: float | None = None) -> float | None:

@@ -3,7 +3,8 @@
 A dispatch pass hands waiters out in order; for each one a :class:`Picker` chooses an
 account among the ones that waiter may use and that have room. Built-in strategies:
 
-- ``most_available`` (default): the most free slots; ties go to the server's order.
+- ``most_available`` (default): the most free slots; ties go to the preference order
+  (the ``accounts=`` order, then the server's).
   Spreads load, which keeps every account's provider session warm and leaves the most
   headroom against slots taken from outside the gate.
 - ``round_robin``: the next account with room after the one granted last.
@@ -143,8 +144,10 @@ class Picker:
             return choice
         if self._heap is None and len(self.free) <= SCAN_LIMIT:
             # few accounts: a scan beats a heap; ties go to the first in server order
+            # (in the preference order when accounts= gave one, as the heap ranks them)
             choice, most = None, 0
-            for account, n in self.free.items():
+            for account in self._order if self._given_order else self.free:
+                n = self.free.get(account, 0)
                 if n > most:
                     choice, most = account, n
             return choice

@@ -636,7 +636,7 @@ async def _run_capgate(env: _Env) -> None:
         poll_interval=scenario.poll_interval,
     )
     # the gate's jitter is random; seed it so a run repeats exactly
-    gate._rng.seed(f"{scenario.seed}:jitter")
+    gate._engine.rng.seed(f"{scenario.seed}:jitter")
     submit = getattr(gate, "submit", None)
 
     async def through_slots(job: _Job) -> None:

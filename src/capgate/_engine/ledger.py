@@ -19,10 +19,13 @@ whose holder never used it is *given back*: it stops counting at once.
 Counts that lag. useapi's numbers are its own bookkeeping and may run behind. When a job id
 the ledger stopped counting (by the rule above) shows up as executing in a later snapshot,
 the counts lagged by at most the time from its settle to the snapshot that listed it (and
-by more than the time to the last snapshot that missed it). From then on a reservation with
-a job id keeps counting until its job is listed, or until a snapshot requested more than
-that lag after the settle still misses it (the job ended, or the lag grew). With counts that do not
-lag, nothing is ever learnt and the rule above holds exactly.
+by more than the time to the last snapshot that missed it). From then on every settled
+reservation keeps counting until a snapshot requested more than that lag after its settle
+(or, with a job id, until a snapshot lists the job): one settled without a job id cannot be
+matched, so only time releases it. A snapshot's own evidence of lag is learnt before it
+releases anything. With counts that do not lag, nothing is ever learnt and the rule above
+holds exactly. Before the first lag is seen the gate cannot know, and its own jobs may
+exceed the local cap by those settled in that window.
 
 "After" is decided by a logical sequence number, not by the clock: every settle, busy mark
 and poll start takes the next tick, so two events at the same (virtual) instant still have an
@@ -36,18 +39,30 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from ._models import AccountCapacity, Snapshot
+from .._models import AccountCapacity, Snapshot
+from .._policy import LAG_MARGIN, LAG_SAMPLES, WATCH_FOR, WATCH_MAX
 
-__all__ = ["Ledger", "Reservation"]
+__all__ = ["Ledger", "Reservation", "cap_for", "row_limit"]
 
-#: a reservation with a job id keeps counting while the snapshot was requested less than
-#: the lag seen so far (times this margin) after the settle
-LAG_MARGIN = 1.0
-#: the lag is the largest of this many recent observations
-LAG_SAMPLES = 32
-#: how long (seconds) and how many dropped job ids are watched for a late listing
-WATCH_FOR = 600.0
-WATCH_MAX = 1024
+
+def cap_for(row: AccountCapacity, caps: int | Mapping[str, int] | None) -> int | None:
+    """``min(server maxJobs, local cap)`` for one row; ``None`` when neither is known."""
+    local = caps if caps is None or isinstance(caps, int) else caps.get(row.account)
+    if row.max_jobs is None:
+        return local
+    return row.max_jobs if local is None else min(row.max_jobs, local)
+
+
+def row_limit(snapshot: Snapshot, row: AccountCapacity, cap: int | None) -> int:
+    """``min(server_free, cap - running)``: an account's room before reservations.
+
+    ``running`` is the row's count, or the jobs ``executing[]`` lists for the account when
+    the row does not say (a row with only ``available``): those jobs hold slots of the cap.
+    """
+    limit = row.free
+    if cap is not None:
+        limit = min(limit, cap - (snapshot.running(row.account) or 0))
+    return max(0, limit)
 
 
 @dataclass
@@ -108,6 +123,11 @@ class Ledger:
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
+    @property
+    def snapshot_tick(self) -> int:
+        """The logical instant the latest snapshot's request was sent (0 before any)."""
+        return self._snapshot_tick
+
     def apply_snapshot(self, snapshot: Snapshot, sent_tick: int) -> None:
         """Take a new snapshot whose request was sent at logical instant ``sent_tick``.
 
@@ -118,24 +138,27 @@ class Ledger:
             return
         self._snapshot = snapshot
         self._snapshot_tick = sent_tick
-        self._limits = {row.account: self._limit(row) for row in snapshot.accounts}
+        self._limits = {row.account: self._limit(snapshot, row) for row in snapshot.accounts}
         seen_at = snapshot.requested_at
+        # this snapshot's own evidence of lag counts for what it releases
+        for res in self._reservations.values():
+            listed = res.job_id is not None and snapshot.lists_job(res.job_id)
+            if listed and res.missed_at is not None:
+                self._learn_lag(seen_at - res.settled_at)
+        self._watch_for_lag(snapshot)
         allowance = self._lag * LAG_MARGIN
         for res in list(self._reservations.values()):
             if res.settled_tick is None:
                 continue
             if res.job_id is not None and snapshot.lists_job(res.job_id):
-                if res.missed_at is not None:
-                    self._learn_lag(seen_at - res.settled_at)
                 self._drop(res)
             elif res.settled_tick < sent_tick:
+                if allowance > 0 and seen_at - res.settled_at <= allowance:
+                    res.missed_at = seen_at  # the counts lag: keep counting it for now
+                    continue
                 if res.job_id is not None:
-                    if allowance > 0 and seen_at - res.settled_at <= allowance:
-                        res.missed_at = seen_at  # the counts lag: keep counting it for now
-                        continue
                     self._watch[res.job_id] = res.settled_at
                 self._drop(res)
-        self._watch_for_lag(snapshot)
         for account, busy_tick in list(self._busy.items()):
             if busy_tick < sent_tick:
                 del self._busy[account]
@@ -200,6 +223,10 @@ class Ledger:
         """Reservations on ``account`` the snapshot does not reflect yet."""
         return self._pending.get(account, 0)
 
+    def pending_counts(self) -> dict[str, int]:
+        """Reservations per account the snapshot does not reflect yet."""
+        return dict(self._pending)
+
     @property
     def reserved(self) -> int:
         """All reservations that count, over every account."""
@@ -214,16 +241,7 @@ class Ledger:
 
     def cap(self, row: AccountCapacity) -> int | None:
         """``min(server maxJobs, local cap)``; ``None`` when neither is known."""
-        local: int | None
-        if self._caps is None:
-            local = None
-        elif isinstance(self._caps, int):
-            local = self._caps
-        else:
-            local = self._caps.get(row.account)
-        if row.max_jobs is None:
-            return local
-        return row.max_jobs if local is None else min(row.max_jobs, local)
+        return cap_for(row, self._caps)
 
     def free(self, account: str, *, now: float | None = None) -> int:
         """Slots the gate may grant on ``account`` now (0 if busy or quarantined)."""
@@ -235,13 +253,8 @@ class Ledger:
         """The accounting rule alone, ignoring busy marks and quarantine."""
         return max(0, self._limits.get(account, 0) - self._pending.get(account, 0))
 
-    def _limit(self, row: AccountCapacity) -> int:
-        """``min(server_free, cap - executing)`` for one row: room before reservations."""
-        limit = row.free
-        cap = self.cap(row)
-        if cap is not None:
-            limit = min(limit, cap - (row.busy or 0))
-        return limit
+    def _limit(self, snapshot: Snapshot, row: AccountCapacity) -> int:
+        return row_limit(snapshot, row, self.cap(row))
 
     def free_accounts(self, now: float | None = None) -> dict[str, int]:
         """Every account with room now, in the snapshot's order."""
@@ -268,6 +281,9 @@ class Ledger:
 
     def is_busy(self, account: str) -> bool:
         return account in self._busy
+
+    def busy_accounts(self) -> frozenset[str]:
+        return frozenset(self._busy)
 
     # --- quarantine -------------------------------------------------------------------
 

@@ -1,0 +1,228 @@
+"""The seam between the waiting core and a store, and what crosses it.
+
+A *store* keeps what must be shared by everyone who grants slots on the same accounts: the
+latest snapshot, the reservations, busy marks and quarantines, the poll timing, and the
+dispatch pass that grants waiters in order. :class:`Store` is the few operations a backend
+must do atomically; the in-memory store (:mod:`.local`) does them in Python, the Redis store
+(:mod:`.fleet`) in one Lua script each. Everything else (waiting, the driver role, polling
+over HTTP, timeouts, cancellation, errors, statistics) is the waiting core's
+(:mod:`.waiting`), written once for every store, in the spirit of httpx's two-method
+transport: the core calls, the store answers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+
+from .._errors import AuthenticationError, PollError
+from .._models import Snapshot
+
+__all__ = ["Lease", "PollTicket", "Store", "StoreView", "Waiter", "Wakeup"]
+
+
+class Wakeup:
+    """A re-armable wake-up for one waiting task.
+
+    ``wake()`` also cancels ``scope`` when one is set, so a task blocked in something other
+    than :meth:`sleep` (a Redis listen in a worker thread) returns at once too.
+    """
+
+    __slots__ = ("event", "scope")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.scope: anyio.CancelScope | None = None
+
+    def wake(self) -> None:
+        self.event.set()
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def sleep(self, timeout: float = math.inf) -> None:
+        """Wait until woken or ``timeout``; a wake-up that came while awake returns at once."""
+        with anyio.move_on_after(timeout):
+            await self.event.wait()
+        if self.event.is_set():
+            self.event = anyio.Event()
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One slot granted on one account, as the store knows it.
+
+    ``handle`` is the store's own record of it (a ledger reservation, a Redis lease id).
+    ``lost`` becomes true when the store took the slot back from a holder that stopped
+    renewing it (fleet mode: a paused process).
+    """
+
+    account: str
+    granted_at: float
+    handle: Any
+    lost: bool = False
+
+
+class Waiter(Wakeup):
+    """One task waiting for a slot.
+
+    Args:
+        wid: An id unique across every process of a fleet.
+        seq: Arrival order within this process.
+        priority: Higher goes first.
+        allowed: The accounts it may use; ``None`` for any.
+        arrived: ``anyio.current_time()`` when it arrived.
+    """
+
+    __slots__ = ("allowed", "arrived", "error", "lease", "priority", "seq", "wid")
+
+    def __init__(
+        self, wid: str, seq: int, priority: int, allowed: frozenset[str] | None, arrived: float
+    ) -> None:
+        super().__init__()
+        self.wid = wid
+        self.seq = seq
+        self.priority = priority
+        self.allowed = allowed
+        self.arrived = arrived
+        self.lease: Lease | None = None
+        self.error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PollTicket:
+    """The right to make one poll: when its request left, in the store's logical order."""
+
+    tick: int
+    sent: float
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class StoreView:
+    """What a store holds now, for grants, errors, statistics and the repr.
+
+    Attributes:
+        snapshot: The latest snapshot, if any.
+        sent_tick: The logical instant of that snapshot's request (0 before the first).
+        fresh: Whether it may still serve grants.
+        free: Slots grantable now per account (empty when not fresh).
+        pending: Reservations per account the snapshot does not reflect yet.
+        caps: The cap in force per account, where known.
+        busy: Accounts marked busy (a 429) since the snapshot.
+        quarantined: Account -> (seconds left, reason); ``math.inf`` while until restored.
+        reserved: Reservations that count, over every account.
+        held: Slots handed out and not yet settled.
+        waiting: Waiters in the store's queue, or ``None`` when the store keeps none (the
+            core counts its own).
+        polls, polls_failed, last_error: Poll counts and the latest failure's message.
+        lag: How far behind the service's counts were seen to run (seconds).
+        note: Appended to the repr (", fleet", ", fleet (store unreachable)").
+    """
+
+    snapshot: Snapshot | None
+    sent_tick: int
+    fresh: bool
+    free: Mapping[str, int]
+    pending: Mapping[str, int]
+    caps: Mapping[str, int | None]
+    busy: frozenset[str]
+    quarantined: Mapping[str, tuple[float, str]]
+    reserved: int
+    held: int
+    waiting: int | None
+    polls: int
+    polls_failed: int
+    last_error: str | None
+    lag: float
+    note: str = ""
+
+
+class Store(Protocol):
+    """What a backend does atomically. One store per gate.
+
+    Synchronous methods change the store's state at once (in memory) or record the change
+    for the store to apply in order (Redis); ``flush()`` waits until recorded changes landed.
+    A method returning ``True`` made room: the core then runs a dispatch pass.
+    """
+
+    def view(self, now: float) -> StoreView:
+        """What the store holds now (``now`` is NaN outside the event loop, for reprs)."""
+
+    def snapshot(self) -> Snapshot | None:
+        """The latest snapshot, if any."""
+
+    def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
+        """Accounts out of rotation now: account -> (seconds left, reason). Cheap."""
+
+    def auth_failure(self, now: float) -> tuple[AuthenticationError, float, object] | None:
+        """The latest refused token: the error, seconds since, and a key that tells
+        one refusal from the next; ``None`` after a poll succeeded."""
+
+    # --- granting -----------------------------------------------------------------------
+
+    def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
+        """A slot at once for a caller with nobody queued ahead, or ``None``."""
+
+    def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
+        """One pass over ``queue`` (in service order): grant every waiter it can."""
+
+    async def exchange(self, queue: Sequence[Waiter]) -> list[tuple[Waiter, Lease]]:
+        """Bring the store up to date with ``queue`` and collect the grants it made."""
+
+    async def wait(self, waiter: Waiter, timeout: float) -> None:
+        """Block the driver until news may have come (or ``waiter`` is woken, or timeout)."""
+
+    def abandon(self, waiter: Waiter, lease: Lease | None) -> bool:
+        """``waiter`` left; give back ``lease`` if it was granted one."""
+
+    # --- polling ------------------------------------------------------------------------
+
+    def poll_due_in(self, now: float) -> float:
+        """Seconds until the next poll is due (``<= 0``: due; ``inf``: not while stuck)."""
+
+    def next_change_in(self, now: float) -> float:
+        """Seconds until something changes by itself (a quarantine ends, a re-check)."""
+
+    async def begin_poll(self, *, force: bool) -> PollTicket | float:
+        """The right to poll now, or seconds until asking again makes sense."""
+
+    async def apply(self, ticket: PollTicket, snapshot: Snapshot, spacing: float) -> None:
+        """Take the answer of ``ticket``'s poll; the next poll is ``spacing`` after it."""
+
+    async def poll_failed(
+        self, ticket: PollTicket, error: PollError | AuthenticationError, u: float
+    ) -> float:
+        """``ticket``'s poll failed; seconds until the next poll (``u`` draws the backoff)."""
+
+    async def poll_aborted(self, ticket: PollTicket) -> None:
+        """``ticket``'s poll was cancelled mid-request (it still reached the server)."""
+
+    # --- changes ------------------------------------------------------------------------
+
+    def settle(self, lease: Lease, job_id: str | None) -> bool:
+        """The holder submitted (or left): count the lease until reflected."""
+
+    def give_back(self, lease: Lease) -> bool:
+        """The holder never used the slot: it stops counting now."""
+
+    def mark_busy(self, lease: Lease) -> bool:
+        """The account answered 429: give the slot back, no grants there until a newer poll."""
+
+    def quarantine(self, account: str, seconds: float, reason: str) -> None:
+        """Take ``account`` out of rotation for ``seconds``."""
+
+    def restore(self, account: str) -> bool:
+        """Put ``account`` back into rotation."""
+
+    def invalidate(self) -> None:
+        """The snapshot stops serving; poll as soon as the floor allows."""
+
+    async def flush(self) -> None:
+        """Wait (bounded) until the recorded changes reached the store."""
+
+    async def aclose(self) -> None:
+        """Let go of every resource; the store is not used again."""

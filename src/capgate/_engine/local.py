@@ -1,0 +1,271 @@
+"""The in-memory store: one process's ledger, its poll timing and its dispatch pass.
+
+Every operation is synchronous and takes effect at once, so the waiting core can grant on
+the hot path without awaiting anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import anyio
+
+from .._config import GateConfig
+from .._errors import AuthenticationError, PollError
+from .._log import log
+from .._models import Snapshot
+from .._policy import INVALIDATE_FLOOR, backoff_delay
+from .._strategy import Candidate, Picker
+from .base import Lease, PollTicket, StoreView, Waiter
+from .ledger import Ledger, Reservation
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """A :class:`~capgate._engine.base.Store` in memory (the default)."""
+
+    def __init__(self, config: GateConfig) -> None:
+        self._config = config
+        self._service = config.service.name
+        self._allow = config.allow
+        self._ledger = Ledger(anyio.current_time, max_jobs=config.max_jobs)
+        self._rr_last: str | None = None
+        self._fresh_until = -math.inf
+        self._next_poll_at = -math.inf
+        self._last_sent: float | None = None
+        self._in_flight = False
+        self._invalidated_in_flight = False
+        self._failures = 0
+        self._last_error: str | None = None
+        self._auth_failure: tuple[AuthenticationError, float] | None = None
+        self._polls = 0
+        self._polls_failed = 0
+
+    # --- the view -----------------------------------------------------------------------
+
+    def _fresh(self, now: float) -> bool:
+        return self._ledger.snapshot is not None and now < self._fresh_until
+
+    def view(self, now: float) -> StoreView:
+        ledger = self._ledger
+        snapshot = ledger.snapshot
+        fresh = self._fresh(now)
+        quarantined = self.quarantined(now)
+        rows = snapshot.accounts if snapshot is not None else ()
+        return StoreView(
+            snapshot=snapshot,
+            sent_tick=ledger.snapshot_tick,
+            fresh=fresh,
+            free={r.account: ledger.free(r.account, now=now) for r in rows} if fresh else {},
+            pending=ledger.pending_counts(),
+            caps={r.account: ledger.cap(r) for r in rows},
+            busy=ledger.busy_accounts(),
+            quarantined=quarantined,
+            reserved=ledger.reserved,
+            held=ledger.open_count,
+            waiting=None,
+            polls=self._polls,
+            polls_failed=self._polls_failed,
+            last_error=self._last_error,
+            lag=ledger.lag,
+        )
+
+    def snapshot(self) -> Snapshot | None:
+        return self._ledger.snapshot
+
+    def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
+        return {
+            a: (math.inf if until is None else until - now, reason)
+            for a, (until, reason) in self._ledger.quarantine_items(now).items()
+        }
+
+    def auth_failure(self, now: float) -> tuple[AuthenticationError, float, object] | None:
+        if self._auth_failure is None:
+            return None
+        error, when = self._auth_failure
+        return error, now - when, error
+
+    # --- granting -----------------------------------------------------------------------
+
+    def _picker(self, now: float) -> Picker | None:
+        """This instant's free slots, ready to hand out; ``None`` when there are none."""
+        if not self._fresh(now):
+            return None
+        free = self._ledger.free_accounts(now)
+        if self._allow is not None:
+            free = {a: n for a, n in free.items() if a in self._allow}
+        if not free:
+            return None
+        # free_accounts() keeps the server's order, which is the default preference order
+        return Picker(
+            self._config.strategy,
+            free,
+            self._config.accounts,
+            last=self._rr_last,
+            describe=self._candidate,
+        )
+
+    def _pick(self, picker: Picker, allowed: frozenset[str] | None) -> str | None:
+        """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""
+        try:
+            account = picker.pick(allowed)
+        except Exception as exc:
+            log.exception(
+                "capgate.strategy_failed",
+                service=self._service,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            account = Picker("most_available", dict(picker.free), ()).pick(allowed)
+        if account is not None:
+            picker.take(account)
+            self._rr_last = account
+        return account
+
+    def _candidate(self, account: str, free: int) -> Candidate:
+        snapshot = self._ledger.snapshot
+        row = None if snapshot is None else snapshot.account(account)
+        return Candidate(
+            account=account,
+            free=free,
+            max_jobs=None if row is None else self._ledger.cap(row),
+            executing=None if row is None or snapshot is None else snapshot.running(account),
+            reserved=self._ledger.pending(account),
+        )
+
+    def _lease(self, account: str, now: float) -> Lease:
+        return Lease(account, now, self._ledger.reserve(account, now))
+
+    def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
+        picker = self._picker(now)
+        account = None if picker is None else self._pick(picker, allowed)
+        return None if account is None else self._lease(account, now)
+
+    def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
+        picker = self._picker(now)
+        if picker is None:
+            return []
+        # the pass stops as soon as the free slots run out, so its cost follows the grants,
+        # not the length of the queue
+        grants: list[tuple[Waiter, Lease]] = []
+        for waiter in queue:
+            account = self._pick(picker, waiter.allowed)
+            if account is not None:
+                grants.append((waiter, self._lease(account, now)))
+                if not picker:
+                    break
+        return grants
+
+    async def exchange(self, queue: Sequence[Waiter]) -> list[tuple[Waiter, Lease]]:
+        return self.dispatch(queue, anyio.current_time())
+
+    async def wait(self, waiter: Waiter, timeout: float) -> None:
+        await waiter.sleep(timeout)
+
+    def abandon(self, waiter: Waiter, lease: Lease | None) -> bool:
+        return lease is not None and self.give_back(lease)
+
+    # --- polling ------------------------------------------------------------------------
+
+    def poll_due_in(self, now: float) -> float:
+        return self._next_poll_at - now
+
+    def next_change_in(self, now: float) -> float:
+        # drop expired quarantines first: one left behind (its account absent from the
+        # snapshot, so no grant pass looked at it) would be "due" forever and spin
+        self._ledger.quarantine_items(now)
+        expiry = self._ledger.next_quarantine_expiry()
+        return math.inf if expiry is None else expiry - now
+
+    async def begin_poll(self, *, force: bool) -> PollTicket | float:
+        now = anyio.current_time()
+        self._in_flight = True
+        self._invalidated_in_flight = False
+        self._last_sent = now
+        return PollTicket(self._ledger.tick(), now)
+
+    async def apply(self, ticket: PollTicket, snapshot: Snapshot, spacing: float) -> None:
+        self._in_flight = False
+        self._ledger.apply_snapshot(snapshot, ticket.tick)
+        self._next_poll_at = ticket.sent + spacing
+        # freshness runs from the answer's arrival: an answer slower than poll_interval is
+        # still the newest there is, and must serve the waiters (else they starve, polling)
+        self._fresh_until = snapshot.received_at + spacing
+        if self._invalidated_in_flight:
+            self._invalidated_in_flight = False
+            soonest = max(snapshot.received_at, ticket.sent + INVALIDATE_FLOOR)
+            self._next_poll_at = min(self._next_poll_at, soonest)
+            self._fresh_until = min(self._fresh_until, soonest)
+        self._polls += 1
+        self._failures = 0
+        self._last_error = None
+        self._auth_failure = None
+
+    async def poll_failed(
+        self, ticket: PollTicket, error: PollError | AuthenticationError, u: float
+    ) -> float:
+        self._in_flight = False
+        now = anyio.current_time()
+        self._polls_failed += 1
+        self._last_error = str(error)
+        interval = self._config.poll_interval
+        if isinstance(error, AuthenticationError):
+            self._auth_failure = (error, now)
+            delay = interval
+        else:
+            self._failures += 1
+            delay = backoff_delay(
+                interval, self._config.max_backoff, self._failures, u, error.retry_after
+            )
+        self._next_poll_at = now + delay
+        return delay
+
+    async def poll_aborted(self, ticket: PollTicket) -> None:
+        # the request still reached the server, so the spacing rule holds
+        self._in_flight = False
+        self._next_poll_at = max(self._next_poll_at, ticket.sent + self._config.poll_interval)
+
+    # --- changes ------------------------------------------------------------------------
+
+    @staticmethod
+    def _res(lease: Lease) -> Reservation:
+        res: Reservation = lease.handle
+        return res
+
+    def settle(self, lease: Lease, job_id: str | None) -> bool:
+        counted = self._ledger.reserved
+        self._ledger.settle(self._res(lease), job_id)
+        return self._ledger.reserved < counted  # its job is already listed: room now
+
+    def give_back(self, lease: Lease) -> bool:
+        return self._ledger.give_back(self._res(lease))
+
+    def mark_busy(self, lease: Lease) -> bool:
+        self._ledger.give_back(self._res(lease))
+        self._ledger.mark_busy(lease.account)
+        return True
+
+    def quarantine(self, account: str, seconds: float, reason: str) -> None:
+        self._ledger.quarantine(account, anyio.current_time() + seconds, reason)
+
+    def restore(self, account: str) -> bool:
+        return self._ledger.restore(account)
+
+    def invalidate(self) -> None:
+        if self._failures:
+            return  # never inside a backoff after a failed poll
+        now = anyio.current_time()
+        last = self._fresh_until if self._last_sent is None else self._last_sent
+        soonest = max(now, last + INVALIDATE_FLOOR)
+        self._next_poll_at = min(self._next_poll_at, soonest)
+        self._fresh_until = min(self._fresh_until, soonest)
+        # the answer of a poll already on the wire may predate this news: its arrival
+        # must not push the next poll back to a full poll_interval
+        self._invalidated_in_flight = self._in_flight
+
+    async def flush(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,113 @@
+"""``gate.submit()``: the create loop, and what each create answer means for its slot.
+
+The status policy itself (which answers are busy, broken, refused) is
+:func:`capgate._policy.classify_create`, shared with the sync twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+
+from ._config import number
+from ._errors import AuthenticationError, SubmissionFailed
+from ._log import log
+from ._policy import classify_create
+
+if TYPE_CHECKING:
+    from ._gate import CapacityGate
+
+__all__ = ["error_excerpt", "submit"]
+
+
+async def _json(response: httpx.Response) -> Any:
+    """A response's JSON body, or ``None`` when it has none (never raises)."""
+    try:
+        await response.aread()
+        return response.json()
+    except Exception:  # noqa: BLE001 - any unreadable body simply has no job id
+        return None
+
+
+def error_excerpt(body: Any, limit: int = 200) -> str:
+    """The ``error`` text of a JSON error body, on one line and at most ``limit`` long."""
+    error = body.get("error") if isinstance(body, dict) else None
+    text = " ".join(str(error).split()) if error is not None else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def submit(
+    gate: CapacityGate,
+    create: Callable[[str], Awaitable[httpx.Response]],
+    *,
+    account: str | Collection[str] | None,
+    timeout: float | None,
+    max_attempts: int,
+) -> httpx.Response:
+    """The body of :meth:`CapacityGate.submit` (documented there)."""
+    if not callable(create):
+        raise TypeError(f"create must be an async callable, not {type(create).__name__}")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+        raise TypeError(f"max_attempts must be an int, not {type(max_attempts).__name__}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if timeout is not None:
+        timeout = number("timeout", timeout, minimum=0, inclusive=True)
+    service = gate.service
+    job_id_from = gate._engine.config.service.job_id_from
+    deadline = None if timeout is None else anyio.current_time() + timeout
+    last: httpx.Response | None = None
+    last_account: str | None = None
+    attempt = 0
+    while attempt < max_attempts:
+        left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+        async with gate.slot(account, timeout=left) as slot:
+            if slot.lost:
+                # the fleet took this slot back while we were paused: creating now could
+                # oversubscribe the account; wait for another slot (not an attempt)
+                log.warning("capgate.slot_lost", service=service, account=slot.account)
+                slot._give_back_unused()
+                continue
+            attempt += 1
+            response = await create(slot.account)
+            if not isinstance(response, httpx.Response):
+                raise TypeError(
+                    f"create must return an httpx.Response, not {type(response).__name__}"
+                )
+            status = response.status_code
+            last, last_account = response, slot.account
+            outcome = classify_create(status)
+            if outcome == "created":
+                slot.mark_submitted(job_id_from(await _json(response)))
+                return response
+            if outcome == "busy":
+                log.info(
+                    "capgate.submit_busy",
+                    service=service,
+                    account=slot.account,
+                    status_code=status,
+                    attempt=attempt,
+                )
+                slot.mark_busy()
+                continue
+            if outcome == "broken":
+                error = error_excerpt(await _json(response))
+                slot.quarantine(reason=f"HTTP {status}" + (f": {error}" if error else ""))
+                continue
+            if outcome == "refused":
+                slot._give_back_unused()
+                raise AuthenticationError(
+                    f"{service}: the create request was refused (HTTP 401)", status_code=401
+                )
+            return response
+    assert last is not None  # noqa: S101 - max_attempts >= 1
+    raise SubmissionFailed(
+        f"{service}: no account took the job in {max_attempts} attempts "
+        f"(last: HTTP {last.status_code} from {last_account})",
+        response=last,
+        attempts=max_attempts,
+        account=last_account,
+    )
