@@ -29,6 +29,8 @@ from ._models import Snapshot as Snapshot
 from ._services import SERVICES as SERVICES
 from ._services import Service as Service
 from ._strategy import Candidate as Candidate
+from ._sync import SyncCapacityGate as SyncCapacityGate
+from ._sync import SyncSlot as SyncSlot
 
 try:
     __version__ = _dist_version("capgate")
@@ -53,5 +55,7 @@ __all__ = [
     "SlotTimeout",
     "Snapshot",
     "SubmissionFailed",
+    "SyncCapacityGate",
+    "SyncSlot",
     "__version__",
 ]
