@@ -409,8 +409,7 @@ async def test_lease_of_a_silent_holder_is_reclaimed(make_gate, fake_url) -> Non
     fake.max_jobs = {"a@x.io": 1}
     dead, live = make_gate(url, lease_ttl=1.0), make_gate(url, lease_ttl=1.0)
     slot = await dead.slot().__aenter__()
-    fleet = dead._fleet
-    assert fleet is not None
+    fleet = dead._engine.store
     await anyio.sleep(1.5)  # renewed through more than one lease_ttl: still held
     with pytest.raises(SlotTimeout):
         async with live.slot(timeout=0.5):
@@ -717,3 +716,137 @@ async def test_killed_process_slots_come_back_within_lease_ttl(make_gate, namesp
             proc.communicate(timeout=10)
     # lease_ttl after its last renewal, then one poll (renewals every ttl / 4)
     assert back <= ttl + 1.0, back
+
+
+# --- the driver role, a cancel after the grant, huge counts (from a fresh-eyes review) -------
+
+A, B = "a@x.io", "b@x.io"
+
+
+def _answering(body: Any) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=body)
+
+    return httpx.MockTransport(handler)
+
+
+async def test_fleet_driver_role_survives_driver_and_successor_leaving_together():
+    """Fleet mode: the same race as in-process; the third waiter must still get its slot.
+
+    Regression: the fleet engine's _leave() woke a successor only when the driver left, so
+    a successor cancelled before it ran again left the role vacant and the other waiters
+    asleep.
+    """
+
+    namespace = f"capgate-test-{uuid.uuid4().hex[:12]}"
+    fake = FakeScheduler({A: 1})
+    got: list[str] = []
+
+    async def leaver(gate: CapacityGate, scope: anyio.CancelScope) -> None:
+        with scope:
+            async with gate.slot():
+                pytest.fail("granted while the account is full")
+
+    async def stayer(gate: CapacityGate) -> None:
+        with anyio.move_on_after(5):
+            async with gate.slot() as slot:
+                got.append(slot.account)
+
+    try:
+        with serve(fake) as url:
+            fake.add_outside_job(A, 0.6)
+            store = RedisStore(REDIS_URL, namespace=namespace, lease_ttl=2.0, socket_timeout=1.0)
+            gate = CapacityGate(fake.token, url=url, store=store, poll_interval=0.1, jitter=0)
+            try:
+                scopes = [anyio.CancelScope(), anyio.CancelScope()]
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(leaver, gate, scopes[0])
+                    engine = gate._engine
+                    await _eventually(lambda: engine._driver is not None)
+                    tg.start_soon(leaver, gate, scopes[1])
+                    tg.start_soon(stayer, gate)
+                    await _eventually(lambda: engine._waiting == 3)
+                    await anyio.sleep(0.2)
+                    scopes[0].cancel()  # the driver first: its exit wakes the successor
+                    scopes[1].cancel()
+            finally:
+                await gate.aclose()
+    finally:
+        delete_namespace(namespace)
+    assert got == [A]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_fleet_waiter_cancelled_after_its_grant_never_enters_the_body(
+    anyio_backend, monkeypatch
+):
+    """Fleet mode: a waiter cancelled between its grant and running again gives the slot back.
+
+    Regression: the fleet engine's acquire() returned the slot without a cancellation check
+    after the grant, so the body of a cancelled waiter started, and on leaving it the slot
+    was settled (counted until a later poll) instead of going straight to the next waiter,
+    as in-process.
+    """
+
+    from capgate._engine.base import Waiter
+
+    namespace = f"capgate-test-{uuid.uuid4().hex[:12]}"
+    fake = FakeScheduler({A: 1})
+    scope = anyio.CancelScope()
+    entered: list[str] = []
+    wake = Waiter.wake
+
+    def wake_then_cancel(self: Any) -> None:
+        wake(self)
+        if self.lease is not None:
+            scope.cancel()  # cancelled after the grant, before the waiter runs on
+
+    monkeypatch.setattr(Waiter, "wake", wake_then_cancel)
+    try:
+        with serve(fake) as url:
+            store = RedisStore(REDIS_URL, namespace=namespace, lease_ttl=2.0, socket_timeout=1.0)
+            gate = CapacityGate(fake.token, url=url, store=store, poll_interval=5.0, jitter=0)
+            try:
+                with anyio.fail_after(5):
+                    with scope:
+                        async with gate.slot() as slot:
+                            entered.append(slot.account)
+                    monkeypatch.setattr(Waiter, "wake", wake)
+                    # given back, not settled: the next waiter needs no new poll
+                    polls = fake.polls
+                    async with gate.slot() as slot:
+                        assert slot.account == A
+                    assert fake.polls == polls, entered
+            finally:
+                await gate.aclose()
+    finally:
+        delete_namespace(namespace)
+    assert entered == []
+
+
+async def test_fleet_survives_counts_too_big_for_a_double():
+    """Fleet mode: a row with a count past 1.8e308 (inf in Lua's doubles) is skipped.
+
+    Regression: the limit reached Redis as inf, and cjson refuses to encode inf, so every
+    script that returned the state failed: the fleet took Redis for down and granted
+    nothing at all, on any account, while that snapshot lasted.
+    """
+
+    huge = 10**400
+    body = {
+        "available": [
+            {"email": A, "maxJobs": huge, "executing": 0, "available": huge},
+            {"email": B, "maxJobs": 1, "executing": 0, "available": 1},
+        ]
+    }
+    namespace = f"capgate-test-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(REDIS_URL, namespace=namespace, lease_ttl=2.0, socket_timeout=1.0)
+    async with httpx.AsyncClient(transport=_answering(body)) as client:
+        gate = CapacityGate("t", client=client, store=store, poll_interval=0.2, jitter=0)
+        try:
+            with anyio.fail_after(5):
+                async with gate.slot() as slot:
+                    assert slot.account == B
+        finally:
+            await gate.aclose()
+            delete_namespace(namespace)

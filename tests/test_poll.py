@@ -11,6 +11,7 @@ import pytest
 from capgate import AuthenticationError, PollError
 from capgate._poll import MAX_BODY_BYTES, check_url, fetch_snapshot, parse_retry_after
 from capgate._services import get_service
+from capgate.testing import FakeScheduler
 
 LTX = get_service("ltxstudio")
 URL = httpx.URL(LTX.url)
@@ -311,3 +312,28 @@ async def test_errors_never_carry_a_json_escaped_token():
             await fetch_snapshot(client, URL, token, LTX, timeout=5.0)
     assert "abc\\/def" not in str(caught.value)
     assert "<token>" in str(caught.value)
+
+
+@pytestmark_async
+async def test_token_echoed_in_a_cross_origin_redirect_stays_out_of_errors_and_logs(
+    make_gate, logs
+):
+    """A redirect whose target host echoes the token: refused, and the token is not shown.
+
+    Regression: the refusal message quoted the target's host verbatim, unlike every other
+    server-controlled text, which has the token replaced.
+    """
+    token = "Sekrit-Token-1234"  # hosts come back lowercased
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": f"https://{token}.evil.example/x"})
+
+    gate, _ = make_gate(
+        FakeScheduler({"a@x.io": 1}), token=token, transport=httpx.MockTransport(handler)
+    )
+    with pytest.raises(Exception, match=r"refused a redirect to another origin") as info:
+        await gate.refresh()
+    secret = token.lower()
+    assert secret not in str(info.value).lower()
+    assert secret not in repr(gate.statistics()).lower()
+    assert all(secret not in repr(event).lower() for event in logs)

@@ -477,8 +477,12 @@ class CapacityGate:
     # --- what it is doing -----------------------------------------------------------------
 
     def statistics(self) -> GateStatistics:
-        """What the gate is doing now, as a frozen :class:`GateStatistics`."""
-        return self._engine.statistics()
+        """What the gate is doing now, as a frozen :class:`GateStatistics`.
+
+        Safe from any thread (a metrics scrape): it is read on the gate's event loop.
+        """
+        stats = self._engine.on_loop(self._engine.statistics)
+        return self._engine.statistics() if stats is None else stats
 
     async def aclose(self) -> None:
         """Close the gate: current and future waiters get :class:`GateClosed`.

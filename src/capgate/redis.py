@@ -11,7 +11,7 @@ Turn it on with one argument::
 Every process that builds a gate with the same token, service, URL and store namespace
 joins one fleet: one shared ledger, one shared snapshot, one poll at a time for all of them,
 one queue of waiters served in arrival order across processes. How it works is described in
-``capgate._fleet``; this module holds only the configuration and the connection.
+``capgate._engine.fleet``; this module holds only the configuration and the connection.
 
 Needs the ``redis`` extra (``pip install 'capgate[redis]'``): redis-py's *synchronous*
 client, called through ``anyio.to_thread`` so that fleet mode runs on asyncio and trio
@@ -23,11 +23,23 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis as _redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+try:
+    import redis as _redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a venv without redis
+    if exc.name != "redis":
+        raise
+    raise ModuleNotFoundError(
+        "capgate.redis needs the redis extra: pip install 'capgate[redis]'", name=exc.name
+    ) from exc
+
+from ._engine.fleet import FleetStore
+
+if TYPE_CHECKING:
+    from ._config import GateConfig
 
 __all__ = ["RedisStore"]
 
@@ -64,6 +76,8 @@ class RedisStore:
             during which nothing is granted, so that live holders can re-assert their
             leases first. Default: one renewal period plus 0.5 s.
         socket_timeout: Seconds one Redis call may take before it counts as a failure.
+        idle_ttl: Seconds a fleet's keys outlive its last activity (default: a day); every
+            operation refreshes them, so an idle fleet leaves nothing behind in Redis.
 
     Raises:
         TypeError, ValueError: An argument is of the wrong type or out of range.
@@ -78,6 +92,7 @@ class RedisStore:
         recheck_interval: float = 1.0,
         recovery_grace: float | None = None,
         socket_timeout: float = 2.0,
+        idle_ttl: float = 86400.0,
     ) -> None:
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, not {type(url).__name__}")
@@ -100,6 +115,12 @@ class RedisStore:
             else _positive("recovery_grace", recovery_grace, allow_zero=True)
         )
         self.socket_timeout = _positive("socket_timeout", socket_timeout)
+        self.idle_ttl = _positive("idle_ttl", idle_ttl)
+        if self.idle_ttl < 10 * self.lease_ttl:
+            raise ValueError(
+                f"idle_ttl must be at least 10 x lease_ttl ({10 * self.lease_ttl:g} s), "
+                f"got {idle_ttl!r}"
+            )
         self._lock = threading.Lock()
         self._pool: _redis.ConnectionPool | None = None
         self._users = 0
@@ -125,6 +146,10 @@ class RedisStore:
                     health_check_interval=0,
                 )
             return _redis.Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
+
+    def _open_store(self, config: GateConfig) -> FleetStore:
+        """The fleet backend of one gate (internal; called once, at the gate's construction)."""
+        return FleetStore(config, self)
 
     def _attach(self) -> None:
         with self._lock:

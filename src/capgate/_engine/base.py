@@ -13,7 +13,7 @@ transport: the core calls, the store answers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,7 +77,7 @@ class Waiter(Wakeup):
         arrived: ``anyio.current_time()`` when it arrived.
     """
 
-    __slots__ = ("allowed", "arrived", "error", "lease", "priority", "seq", "wid")
+    __slots__ = ("allowed", "arrived", "error", "lease", "left", "priority", "seq", "wid")
 
     def __init__(
         self, wid: str, seq: int, priority: int, allowed: frozenset[str] | None, arrived: float
@@ -90,6 +90,12 @@ class Waiter(Wakeup):
         self.arrived = arrived
         self.lease: Lease | None = None
         self.error: BaseException | None = None
+        self.left = False  # gave up: a grant that comes now must go back
+
+    @property
+    def open(self) -> bool:
+        """Still waiting: neither granted, failed nor gone."""
+        return self.lease is None and self.error is None and not self.left
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +104,9 @@ class PollTicket:
 
     tick: int
     sent: float
-    token: str = ""
+    token: str = ""  # fleet mode: the poll lock's value
+    server_sent: str = ""  # fleet mode: the server's time of sending, as the script said
+    failures: int = 0  # failed polls in a row before this one (for the backoff)
 
 
 @dataclass(frozen=True)
@@ -170,8 +178,12 @@ class Store(Protocol):
     def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
         """One pass over ``queue`` (in service order): grant every waiter it can."""
 
-    async def exchange(self, queue: Sequence[Waiter]) -> list[tuple[Waiter, Lease]]:
-        """Bring the store up to date with ``queue`` and collect the grants it made."""
+    async def exchange(self, queue: Callable[[], Iterable[Waiter]]) -> list[tuple[Waiter, Lease]]:
+        """Bring the store up to date with the queue and collect the grants it made.
+
+        ``queue()`` gives the waiters in service order *when the store reads them*: an
+        exchange may wait for another one in flight, and must see who arrived meanwhile.
+        """
 
     async def wait(self, waiter: Waiter, timeout: float) -> None:
         """Block the driver until news may have come (or ``waiter`` is woken, or timeout)."""

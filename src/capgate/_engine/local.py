@@ -7,7 +7,7 @@ the hot path without awaiting anything.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import anyio
 
@@ -157,8 +157,8 @@ class MemoryStore:
                     break
         return grants
 
-    async def exchange(self, queue: Sequence[Waiter]) -> list[tuple[Waiter, Lease]]:
-        return self.dispatch(queue, anyio.current_time())
+    async def exchange(self, queue: Callable[[], Iterable[Waiter]]) -> list[tuple[Waiter, Lease]]:
+        return self.dispatch(queue(), anyio.current_time())
 
     async def wait(self, waiter: Waiter, timeout: float) -> None:
         await waiter.sleep(timeout)

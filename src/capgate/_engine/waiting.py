@@ -249,13 +249,13 @@ class Engine:
 
     async def _exchange(self) -> None:
         """Bring the store up to date with the queue and hand out what it granted."""
-        grants = await self.store.exchange(list(self._iter_waiters()))
+        grants = await self.store.exchange(self._iter_waiters)
         self._hand_out(grants)
         self._check_waiters()
 
     def _hand_out(self, grants: list[tuple[Waiter, Lease]]) -> None:
         for waiter, lease in grants:
-            if waiter.lease is None and waiter.error is None:
+            if waiter.open:
                 self._grant(waiter, lease)
 
     def _check_waiters(self) -> None:
@@ -319,6 +319,7 @@ class Engine:
 
     def _abandon(self, waiter: Waiter) -> None:
         """``waiter`` gave up (timeout, cancel, error): leave nothing behind."""
+        waiter.left = True
         self._leave(waiter)
         lease, waiter.lease = waiter.lease, None
         if lease is not None:
@@ -445,6 +446,7 @@ class Engine:
     # --- polling ----------------------------------------------------------------------------
 
     def _start_poll(self, ticket: PollTicket) -> _Inflight:
+        """Start a poll in a task of its own: the driver that asked may leave any time."""
         inflight = self._inflight = _Inflight(ticket)
         _spawn(lambda: self._run_poll(inflight), self._tasks)
         return inflight
@@ -461,13 +463,13 @@ class Engine:
                 if inflight.snapshot is None and inflight.error is None:
                     await self.store.poll_aborted(inflight.ticket)
                 self._inflight = None
-                inflight.done.set()
                 if not self.closed:
-                    try:
+                    try:  # collect what the answer granted (fleet mode: inside Redis)
                         await self._exchange()
                     except Exception:  # same as above: log, never crash the loop
                         log.exception("capgate.poll_crashed", service=self.service)
-                    self._wake_driver()
+                inflight.done.set()
+                self._wake_driver()
 
     async def _poll(self, inflight: _Inflight) -> None:
         """One request, its answer applied (or its failure recorded)."""
@@ -548,8 +550,12 @@ class Engine:
                 ticket = await store.begin_poll(force=True)
                 if not isinstance(ticket, PollTicket):
                     return await self._await_fleet_snapshot()
-                inflight = self._start_poll(ticket)
-            await inflight.done.wait()
+                # the caller waits for this poll anyway: make it here, so the grants it
+                # brings and this return happen in one step (cancelling it aborts the poll)
+                inflight = self._inflight = _Inflight(ticket)
+                await self._run_poll(inflight)
+            else:
+                await inflight.done.wait()
             if inflight.snapshot is not None:
                 return inflight.snapshot
             if inflight.error is not None:
