@@ -145,8 +145,7 @@ class Snapshot:
         busy = None if row is None else row.busy
         if busy is not None:
             return busy
-        listed = self._listed.get(name)
-        return listed
+        return self._listed.get(name)
 
     def lists_job(self, job_id: str) -> bool:
         """Whether ``job_id`` is among the executing jobs."""

@@ -1,0 +1,804 @@
+"""The Redis store: one gate shared by many processes and hosts (fleet mode).
+
+The in-memory store keeps its ledger, snapshot and queue in one process. This one keeps them
+in Redis, under ``<namespace>:{<sha256(token, service, url)[:16]>}:`` (never the token), so
+every process built with the same token, service, URL and namespace shares them. Each state
+change is one Lua script in ``lua/``, with its keys, arguments and reply written above it.
+
+How it works, in one place:
+
+- **One queue for the fleet.** A waiter enters a Redis sorted set ordered by priority, then
+  by an arrival number from ``HINCRBY``. Every script that can make room ends with one
+  *dispatch pass*, run atomically inside Redis by whichever process got there: the same
+  accounting rule and strategies as in-process (the conformance suite holds them equal). A
+  grant is written under the waiter's id; its owner collects it at its next ``exchange``
+  (woken by a pub/sub message, or the fallback re-check).
+- **One poll for the fleet.** Snapshot, poll timing and failures are shared. The driver of
+  each process asks for the poll lock (``SET NX PX``) when a poll is due; the winner polls
+  and applies the answer in one script; the others wait for the message that it landed.
+- **Times come from Redis.** Scripts read ``TIME``; clients only sleep for durations the
+  scripts returned. "Sent after it settled" is a logical tick, as in the local ledger.
+- **Leases.** A grant is a lease with an expiry. A *renewal thread* per gate renews the
+  gate's leases and waiter heartbeats every ``min(lease_ttl / 4, 1)`` s with the synchronous
+  client. This departs from the no-background-task habit on purpose: renewal must not starve
+  when the event loop is busy (a CPU-bound holder, a blocked loop), and only a thread can
+  promise that. It also sends, in order, the changes the synchronous APIs record
+  (``mark_submitted``, ``mark_busy``, ``quarantine``, ``restore``, ``invalidate``); a change
+  that fails (Redis down) stays queued until it lands: a settle or give-back is never lost.
+- **Paused and crashed holders.** An expired lease is *reclaimed*: it becomes settled at that
+  instant (its holder may have created the job before it stopped), counts until a snapshot
+  requested after the reclaim, and brings the next poll forward. Renewal never re-creates a
+  reclaimed lease: a holder that was paused past its lease learns that its slot is *lost*
+  (``Slot.lost``, ``capgate.lease_lost``). Only a lease of an older epoch (Redis lost its
+  data) is re-asserted. A grant not yet picked up lives as long as its waiter's heartbeat
+  (``min(lease_ttl, 5)`` s without renewal), so a dead process's grants come back that soon.
+- **Redis trouble fails closed.** While Redis cannot be reached nothing is granted; waiters
+  keep waiting, bounded by their own timeouts; ``capgate.store_unavailable`` is logged once
+  and ``capgate.store_recovered`` when it is back. Every script is idempotent per lease and
+  waiter id. After a data loss (a new epoch) or a restart that reloaded older data (a new
+  ``run_id``), nothing is granted for ``recovery_grace`` seconds while live holders
+  re-assert their leases.
+- **Keys expire.** Every script refreshes the fleet's keys to live ``idle_ttl`` seconds, so
+  an idle fleet leaves nothing behind; ``aclose()`` takes this gate's waiters out at once.
+
+Redis is called through redis-py's synchronous client in worker threads
+(``anyio.to_thread``), so fleet mode runs on asyncio and trio alike. A script in flight is
+not abandoned on cancellation: it finishes before its task moves on, so a give-back that
+follows always runs after it on the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+import redis as _redis
+
+from .._config import GateConfig
+from .._errors import AuthenticationError, PollError
+from .._log import log
+from .._models import AccountCapacity, ExecutingJob, Snapshot
+from .._policy import (
+    INVALIDATE_FLOOR,
+    LAG_MARGIN,
+    LAG_SAMPLES,
+    WATCH_FOR,
+    WATCH_MAX,
+    backoff_delay,
+)
+from .base import Lease, PollTicket, StoreView, Waiter
+from .ledger import cap_for, row_limit
+
+if TYPE_CHECKING:
+    from ..redis import RedisStore
+
+__all__ = ["SCRIPTS", "FleetStore"]
+
+#: the operations, one Lua file each; common.lua is prepended to every one
+OPERATIONS = (
+    "sync",
+    "begin_poll",
+    "apply",
+    "poll_failed",
+    "unlock",
+    "settle",
+    "give_back",
+    "abandon",
+    "quarantine",
+    "restore",
+    "invalidate",
+    "renew",
+    "close",
+)
+
+
+def _load_scripts() -> dict[str, str]:
+    lua = resources.files(__package__).joinpath("lua")
+    common = lua.joinpath("common.lua").read_text(encoding="utf-8")
+    return {op: common + lua.joinpath(f"{op}.lua").read_text(encoding="utf-8") for op in OPERATIONS}
+
+
+SCRIPTS = _load_scripts()
+
+
+class _State:
+    """The fleet's shared state as of the latest exchange (times relative to ``taken``)."""
+
+    __slots__ = (
+        "auth_age",
+        "auth_at",
+        "auth_msg",
+        "auth_status",
+        "busy",
+        "epoch",
+        "failures",
+        "fresh_in",
+        "grace_in",
+        "held",
+        "lag",
+        "last_error",
+        "limit",
+        "pending",
+        "poll_in",
+        "polls",
+        "polls_failed",
+        "quar",
+        "reserved",
+        "sent_tick",
+        "snap_age",
+        "taken",
+        "waiting",
+    )
+
+    def __init__(self, data: dict[str, Any] | None = None, taken: float = -math.inf) -> None:
+        d = data or {}
+        self.taken = taken
+        self.fresh_in = float(d.get("fresh_in", -1.0))
+        self.poll_in = float(d.get("poll_in", -1.0))
+        self.grace_in = float(d.get("grace_in", 0.0))
+        self.sent_tick = int(d.get("sent_tick", 0))
+        self.snap_age = float(d.get("snap_age", 0.0))
+        self.waiting = int(d.get("waiting", 0))
+        self.held = int(d.get("held", 0))
+        self.reserved = int(d.get("reserved", 0))
+        self.pending: dict[str, int] = {k: int(v) for k, v in _mapping(d.get("pending")).items()}
+        self.limit: dict[str, int] = {k: int(v) for k, v in _mapping(d.get("limit")).items()}
+        busy = d.get("busy")
+        self.busy: frozenset[str] = frozenset(busy) if isinstance(busy, list) else frozenset()
+        self.quar: dict[str, tuple[float, str]] = {
+            k: (float(v[0]), str(v[1])) for k, v in _mapping(d.get("quar")).items()
+        }
+        self.lag = float(d.get("lag", 0.0))
+        self.polls = int(d.get("polls", 0))
+        self.polls_failed = int(d.get("polls_failed", 0))
+        self.failures = int(d.get("failures", 0))
+        last_error = d.get("last_error")
+        self.last_error: str | None = last_error if isinstance(last_error, str) else None
+        auth_at = d.get("auth_at")
+        self.auth_at: str | None = auth_at if isinstance(auth_at, str) else None
+        self.auth_age = float(d.get("auth_age", math.inf))
+        self.auth_msg = str(d.get("auth_msg", ""))
+        self.auth_status = int(d.get("auth_status", 0)) or None
+        epoch = d.get("epoch")
+        self.epoch: str | None = epoch if isinstance(epoch, str) else None
+
+    def since(self, now: float) -> float:
+        """Seconds since this state was read (0 outside the event loop)."""
+        return 0.0 if math.isnan(now) else max(0.0, now - self.taken)
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _encode_snapshot(snapshot: Snapshot) -> str:
+    return json.dumps(
+        {
+            "a": [[r.account, r.max_jobs, r.executing, r.available] for r in snapshot.accounts],
+            "e": [
+                [
+                    j.job_id,
+                    j.account,
+                    None if j.started is None else j.started.isoformat(),
+                    j.elapsed,
+                ]
+                for j in snapshot.executing
+            ],
+            "k": snapshot.skipped,
+            "d": snapshot.received_at - snapshot.requested_at,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _decode_snapshot(service: str, text: str, requested_at: float) -> Snapshot:
+    data = json.loads(text)
+    return Snapshot(
+        service=service,
+        accounts=tuple(AccountCapacity(a, m, e, v) for a, m, e, v in data["a"]),
+        executing=tuple(
+            ExecutingJob(j, a, None if s is None else datetime.fromisoformat(s), el)
+            for j, a, s, el in data["e"]
+        ),
+        requested_at=requested_at,
+        received_at=requested_at + float(data.get("d", 0.0)),
+        skipped=int(data.get("k", 0)),
+    )
+
+
+class FleetStore:
+    """A :class:`~capgate._engine.base.Store` in Redis (opened by ``RedisStore``)."""
+
+    def __init__(
+        self,
+        config: GateConfig,
+        redis_store: RedisStore,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if callable(config.strategy):
+            raise TypeError(
+                "a callable strategy cannot run inside Redis; with store= use one of "
+                "most_available, round_robin, first_fit"
+            )
+        self._config = config
+        self._rs = redis_store
+        self._service = config.service.name
+        self._prefix = redis_store.key_prefix(
+            config.token.reveal(), config.service.name, str(config.url)
+        )
+        self._owner = uuid.uuid4().hex
+        self._clock = clock  # conformance tests only: a virtual time for the scripts
+        self._fixed = {
+            "grace": redis_store.recovery_grace,
+            "idle": redis_store.idle_ttl,
+        }
+        self._dispatching = {
+            "owner": self._owner,
+            "ttl": redis_store.heartbeat_ttl,
+            "strategy": str(config.strategy),
+            "pref": list(config.accounts or ()),
+        }
+        redis_store._attach()
+        self._client = redis_store.client()
+        self._scripts = {op: self._client.register_script(src) for op, src in SCRIPTS.items()}
+        self._lock_ids = itertools.count(1)
+        self._exchange_lock: anyio.Lock | None = None
+        self._exchanges_begun = 0
+
+        # shared with the renewal thread
+        self._held: dict[str, Lease] = {}  # lease id -> the lease, while held
+        self._outbox: deque[tuple[str, dict[str, Any]]] = deque()
+        self._exec_lock = threading.Lock()
+        self._held_lock = threading.Lock()
+        self._kick = threading.Event()
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._renew_now = False
+        self._waiter_ids: list[str] = []
+        self._ps_lock = threading.Lock()
+        self._pubsub: Any = None
+        self._message = False
+        self._listen_gen = 0
+        self._closed = False
+        self._detached = False
+        self._down_since: float | None = None
+        self._down_lock = threading.Lock()
+
+        self._state = _State()
+        self._snapshot: Snapshot | None = None
+
+    # --- Redis calls ------------------------------------------------------------------------
+
+    def _call(self, op: str, **named: Any) -> Any:
+        """Run one script (blocking; in a worker or the renewal thread)."""
+        named.update(self._fixed)
+        if self._clock is not None:
+            named["now"] = self._clock()
+        raw = self._scripts[op](keys=[self._prefix], args=[json.dumps(named)])
+        return json.loads(raw)
+
+    async def _run(self, op: str, **named: Any) -> Any:
+        # not abandoned on cancel: a script in flight finishes before the task moves on, so
+        # a later give-back always runs after it on the server
+        result = await anyio.to_thread.run_sync(lambda: self._call(op, **named))
+        self._store_up()
+        return result
+
+    def _store_down(self, exc: BaseException) -> None:
+        with self._down_lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = time.monotonic()
+        if first:
+            log.warning(
+                "capgate.store_unavailable",
+                service=self._service,
+                error=f"{type(exc).__name__}: {exc}",
+                held=len(self._held),
+            )
+
+    def _store_up(self) -> None:
+        if self._down_since is None:
+            return
+        with self._down_lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            log.info(
+                "capgate.store_recovered",
+                service=self._service,
+                down_for=round(time.monotonic() - since, 3),
+            )
+            self._renew_now = True  # re-assert leases at once: Redis may have lost them
+            self._kick.set()
+
+    # --- the view ---------------------------------------------------------------------------
+
+    def _fresh(self, now: float) -> bool:
+        state = self._state
+        return self._snapshot is not None and state.fresh_in - state.since(now) > 0
+
+    def view(self, now: float) -> StoreView:
+        state = self._state
+        snapshot = self._snapshot
+        out = self.quarantined(now)
+        free: dict[str, int] = {}
+        if self._fresh(now) and snapshot is not None:
+            for row in snapshot.accounts:
+                account = row.account
+                if account not in state.busy and account not in out:
+                    free[account] = max(
+                        0, state.limit.get(account, 0) - state.pending.get(account, 0)
+                    )
+        caps = {}
+        if snapshot is not None:
+            caps = {row.account: cap_for(row, self._config.max_jobs) for row in snapshot.accounts}
+        note = ", fleet" + (" (store unreachable)" if self._down_since is not None else "")
+        return StoreView(
+            snapshot=snapshot,
+            sent_tick=state.sent_tick,
+            fresh=self._fresh(now),
+            free=free,
+            pending=state.pending,
+            caps=caps,
+            busy=state.busy,
+            quarantined=out,
+            reserved=state.reserved,
+            held=state.held,
+            waiting=state.waiting,
+            polls=state.polls,
+            polls_failed=state.polls_failed,
+            last_error=state.last_error,
+            lag=state.lag,
+            note=note,
+        )
+
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
+        spent = self._state.since(now)
+        return {a: (left - spent, r) for a, (left, r) in self._state.quar.items() if left > spent}
+
+    def auth_failure(self, now: float) -> tuple[AuthenticationError, float, object] | None:
+        state = self._state
+        if state.auth_at is None:
+            return None
+        error = AuthenticationError(state.auth_msg, status_code=state.auth_status)
+        return error, state.auth_age + state.since(now), state.auth_at
+
+    def _apply_state(self, data: dict[str, Any]) -> None:
+        now = anyio.current_time()
+        state = _State(data, now)
+        snap = data.get("snap")
+        if isinstance(snap, str):
+            try:
+                self._snapshot = _decode_snapshot(self._service, snap, now - state.snap_age)
+            except (ValueError, KeyError, TypeError):
+                log.warning("capgate.store_bad_snapshot", service=self._service)
+                self._snapshot = None
+        elif state.sent_tick == 0:
+            self._snapshot = None
+        self._state = state
+
+    # --- granting ---------------------------------------------------------------------------
+
+    def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
+        return None  # the fleet's queue is in Redis: only a script may grant
+
+    def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
+        return []  # every script that makes room dispatches inside Redis
+
+    async def exchange(self, queue: Callable[[], Iterable[Waiter]]) -> list[tuple[Waiter, Lease]]:
+        """Enqueue new waiters, run a dispatch pass, collect grants (coalesced)."""
+        if self._exchange_lock is None:
+            self._exchange_lock = anyio.Lock()
+        self._ensure_keeper()
+        mark = self._exchanges_begun
+        async with self._exchange_lock:
+            if self._exchanges_begun > mark:
+                return []  # one that began after we arrived covered us, and handed out grants
+            self._exchanges_begun += 1
+            allow = self._config.allow
+            waiters = [w for w in queue() if w.open]
+            listed = []
+            for w in waiters:
+                allowed = w.allowed if w.allowed is not None else allow
+                listed.append(
+                    [w.wid, w.priority, sorted(allowed) if allowed is not None else False]
+                )
+            self._waiter_ids = [w.wid for w in waiters]
+            try:
+                data = await self._run(
+                    "sync",
+                    **self._dispatching,
+                    known_tick=self._state.sent_tick,
+                    waiters=listed,
+                )
+            except _redis.RedisError as exc:
+                self._store_down(exc)
+                return []
+            self._apply_state(data)
+            now = anyio.current_time()
+            grants = []
+            by_id = {w.wid: w for w in waiters}
+            for wid, grant in _mapping(data.get("granted")).items():
+                waiter = by_id.get(wid)
+                if waiter is None or not waiter.open:
+                    continue  # it left, or is leaving: its abandon gives the lease back
+                lease = Lease(str(grant[1]), now, (str(grant[0]), wid))
+                with self._held_lock:
+                    self._held[str(grant[0])] = lease
+                grants.append((waiter, lease))
+            picked = set(_mapping(data.get("granted")))
+            self._waiter_ids = [wid for wid in self._waiter_ids if wid not in picked]
+            return grants
+
+    async def wait(self, waiter: Waiter, timeout: float) -> None:
+        """Wait for a wake-up message for us (or ``waiter`` woken), ``timeout`` at most."""
+        if self._down_since is not None:
+            await waiter.sleep(min(timeout, 0.25))
+            return
+        if self._message:
+            self._message = False
+            return
+        self._listen_gen += 1
+        gen = self._listen_gen
+        with anyio.CancelScope() as scope:
+            waiter.scope = scope
+            try:
+                if waiter.event.is_set():
+                    return
+                await anyio.to_thread.run_sync(
+                    self._listen_sync, max(timeout, 0.005), gen, abandon_on_cancel=True
+                )
+            except _redis.RedisError as exc:
+                self._store_down(exc)
+                await anyio.sleep(min(timeout, 0.25))
+            finally:
+                waiter.scope = None
+                if self._listen_gen == gen:
+                    # an abandoned listening thread sees this and returns within a slice
+                    self._listen_gen += 1
+        if waiter.event.is_set():
+            waiter.event = anyio.Event()
+        self._message = False
+
+    def _listen_sync(self, timeout: float, gen: int) -> None:
+        deadline = time.monotonic() + timeout
+        with self._ps_lock:
+            if self._closed or gen != self._listen_gen:
+                return
+            try:
+                if self._pubsub is None:
+                    pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self._prefix + "ev")
+                    self._pubsub = pubsub
+                mine = self._owner.encode()
+                while not self._message and gen == self._listen_gen:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    # short slices: a superseded listen gives the socket up quickly
+                    message = self._pubsub.get_message(timeout=min(left, 0.05))
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = message.get("data", b"")
+                    if data == b"*" or mine in data.split(b","):
+                        self._message = True
+            except _redis.RedisError:
+                with contextlib.suppress(Exception):
+                    self._pubsub.close()
+                self._pubsub = None
+                raise
+
+    def abandon(self, waiter: Waiter, lease: Lease | None) -> bool:
+        if lease is not None:
+            with self._held_lock:
+                self._held.pop(lease.handle[0], None)
+        self._record("abandon", waiter=waiter.wid, **self._dispatching)
+        return False
+
+    # --- polling ----------------------------------------------------------------------------
+
+    def poll_due_in(self, now: float) -> float:
+        if self._down_since is not None:
+            return math.inf  # fails closed: the re-check in next_change_in tries Redis again
+        state = self._state
+        return state.poll_in - state.since(now)
+
+    def next_change_in(self, now: float) -> float:
+        state = self._state
+        spent = state.since(now)
+        delay = self._rs.recheck_interval
+        if self._down_since is not None:
+            delay = min(delay, 0.25)
+        if state.grace_in - spent > 0:
+            delay = min(delay, state.grace_in - spent)
+        for left, _ in self.quarantined(now).values():
+            delay = min(delay, left)
+        return max(delay, 0.005)
+
+    async def begin_poll(self, *, force: bool) -> PollTicket | float:
+        config = self._config
+        token = f"{self._owner}:{next(self._lock_ids)}"
+        # the lock outlives any poll that is not unusually slow; a poller paused or killed
+        # mid-request holds the fleet up no longer than this
+        lock_s = min(config.poll_timeout + 1.0, max(3.0, 3 * config.poll_interval))
+        try:
+            begin = await self._run(
+                "begin_poll", token=token, lock_ms=int(lock_s * 1000), force=force
+            )
+        except _redis.RedisError as exc:
+            self._store_down(exc)
+            if force:
+                raise PollError(
+                    f"{self._service}: the fleet's Redis store is unreachable"
+                ) from None
+            return self._rs.recheck_interval
+        if not begin.get("ok"):
+            return max(float(begin.get("wait", 0.0)), 0.005)
+        return PollTicket(
+            int(begin["tick"]),
+            anyio.current_time(),
+            token=token,
+            server_sent=str(begin["sent"]),
+            failures=int(begin.get("failures", 0)),
+        )
+
+    async def apply(self, ticket: PollTicket, snapshot: Snapshot, spacing: float) -> None:
+        caps = self._config.max_jobs
+        limits = [
+            [row.account, row_limit(snapshot, row, cap_for(row, caps))] for row in snapshot.accounts
+        ]
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._run(
+                    "apply",
+                    token=ticket.token,
+                    tick=ticket.tick,
+                    sent=ticket.server_sent,
+                    spacing=spacing,
+                    snap=_encode_snapshot(snapshot),
+                    limits=limits,
+                    jobs=[j.job_id for j in snapshot.executing],
+                    floor=INVALIDATE_FLOOR,
+                    lag_margin=LAG_MARGIN,
+                    lag_samples=LAG_SAMPLES,
+                    watch_for=WATCH_FOR,
+                    watch_max=WATCH_MAX,
+                    **self._dispatching,
+                )
+        except _redis.RedisError as exc:
+            self._store_down(exc)
+            await self.poll_aborted(ticket)
+
+    async def poll_failed(
+        self, ticket: PollTicket, error: PollError | AuthenticationError, u: float
+    ) -> float:
+        config = self._config
+        auth = isinstance(error, AuthenticationError)
+        if auth:
+            delay = config.poll_interval
+        else:
+            retry_after = error.retry_after if isinstance(error, PollError) else None
+            delay = backoff_delay(
+                config.poll_interval, config.max_backoff, ticket.failures + 1, u, retry_after
+            )
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._run(
+                    "poll_failed",
+                    token=ticket.token,
+                    auth=auth,
+                    message=str(error),
+                    status=error.status_code or 0,
+                    delay=delay,
+                )
+        except _redis.RedisError as exc:
+            self._store_down(exc)
+            self._record("unlock", token=ticket.token)
+        return delay
+
+    async def poll_aborted(self, ticket: PollTicket) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self._run("unlock", token=ticket.token)
+            except _redis.RedisError:
+                self._record("unlock", token=ticket.token)
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def _record(self, op: str, **named: Any) -> None:
+        self._outbox.append((op, named))
+        self._ensure_keeper()
+        self._kick.set()
+
+    def _release(self, lease: Lease) -> tuple[str, str]:
+        lease_id, wid = lease.handle
+        with self._held_lock:
+            self._held.pop(lease_id, None)
+        return lease_id, wid
+
+    def settle(self, lease: Lease, job_id: str | None) -> bool:
+        lease_id, wid = self._release(lease)
+        self._record(
+            "settle",
+            lease=lease_id,
+            account=lease.account,
+            job=job_id or "",
+            waiter=wid,
+            **self._dispatching,
+        )
+        return False
+
+    def give_back(self, lease: Lease) -> bool:
+        lease_id, _ = self._release(lease)
+        self._record(
+            "give_back", lease=lease_id, account=lease.account, busy=False, **self._dispatching
+        )
+        return True
+
+    def mark_busy(self, lease: Lease) -> bool:
+        lease_id, _ = self._release(lease)
+        self._record(
+            "give_back", lease=lease_id, account=lease.account, busy=True, **self._dispatching
+        )
+        return False
+
+    def quarantine(self, account: str, seconds: float, reason: str) -> None:
+        self._record("quarantine", account=account, seconds=seconds, reason=reason)
+        # in force here at once; the next exchange brings the fleet's view
+        spent = self._state.since(anyio.current_time())
+        self._state.quar[account] = (seconds + spent, reason)
+
+    def restore(self, account: str) -> bool:
+        self._record("restore", account=account, **self._dispatching)
+        return self._state.quar.pop(account, None) is not None
+
+    def invalidate(self) -> None:
+        self._record("invalidate", floor=INVALIDATE_FLOOR)
+
+    async def flush(self) -> None:
+        """Send the recorded changes now (shielded, bounded); the renewal thread retries."""
+        if not self._outbox:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._rs.socket_timeout + 3):
+            try:
+                await anyio.to_thread.run_sync(self._drain)
+            except _redis.RedisError as exc:
+                self._store_down(exc)
+                self._kick.set()
+            else:
+                self._store_up()
+
+    def _drain(self) -> None:
+        """Run queued changes in order; stop at the first failure (blocking)."""
+        with self._exec_lock:
+            while self._outbox:
+                op, named = self._outbox[0]
+                self._call(op, **named)
+                self._outbox.popleft()
+
+    # --- the renewal thread -----------------------------------------------------------------
+
+    def _ensure_keeper(self) -> None:
+        if self._keeper is not None and self._keeper.is_alive():
+            return
+        self._keeper = threading.Thread(
+            target=self._keep, name=f"capgate-lease-renewal-{self._service}", daemon=True
+        )
+        self._keeper.start()
+
+    def _keep(self) -> None:
+        every = self._rs.renew_interval
+        next_renew = 0.0
+        failing = False
+        while True:
+            if self._stop.is_set() and not self._outbox and not self._held:
+                self._detach()
+                return
+            now = time.monotonic()
+            wait = 0.2 if failing else max(0.0, next_renew - now)
+            if self._outbox and not failing:
+                wait = 0.0
+            self._kick.wait(wait)
+            self._kick.clear()
+            try:
+                self._drain()
+                now = time.monotonic()
+                if now >= next_renew or failing or self._renew_now:
+                    self._renew_now = False
+                    self._renew()
+                    next_renew = now + every
+                failing = False
+                self._store_up()
+            except _redis.RedisError as exc:
+                if not failing:
+                    log.warning(
+                        "capgate.lease_renew_failed",
+                        service=self._service,
+                        error=f"{type(exc).__name__}: {exc}",
+                        held=len(self._held),
+                    )
+                failing = True
+                self._store_down(exc)
+            except Exception:  # the thread must outlive a bug in one round
+                log.exception("capgate.lease_renew_failed", service=self._service)
+                failing = True
+
+    def _renew(self) -> None:
+        with self._exec_lock:
+            with self._held_lock:
+                held = [
+                    [lease_id, lease.account, lease.handle[1]]
+                    for lease_id, lease in self._held.items()
+                ]
+            wids = list(self._waiter_ids)
+            if not held and not wids:
+                return
+            reply = self._call(
+                "renew",
+                owner=self._owner,
+                lease_ttl=self._rs.lease_ttl,
+                ttl=self._rs.heartbeat_ttl,
+                held=held,
+                waiters=wids,
+            )
+        if reply.get("reasserted"):
+            log.warning(
+                "capgate.lease_reasserted", service=self._service, leases=reply["reasserted"]
+            )
+        for lease_id in reply.get("lost") or ():
+            with self._held_lock:
+                lease = self._held.pop(lease_id, None)
+            if lease is not None:
+                lease.lost = True
+                log.warning(
+                    "capgate.lease_lost",
+                    service=self._service,
+                    account=lease.account,
+                    lease_ttl=self._rs.lease_ttl,
+                )
+
+    # --- closing ----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self.flush()
+        self._stop.set()
+        self._kick.set()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await anyio.to_thread.run_sync(self._close_sync)
+
+    def _close_sync(self) -> None:
+        with self._ps_lock:
+            self._closed = True
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    self._pubsub.close()
+                self._pubsub = None
+        keeper = self._keeper
+        if keeper is not None:
+            # slots still held keep renewing until their blocks end; the keeper detaches then
+            keeper.join(timeout=0.5 if self._held else self._rs.socket_timeout + 1)
+        if keeper is None or (not keeper.is_alive() and not self._held):
+            self._detach()
+
+    def _detach(self) -> None:
+        with self._held_lock:
+            if self._detached:
+                return
+            self._detached = True
+        self._rs._detach()

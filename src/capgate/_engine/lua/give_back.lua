@@ -1,0 +1,14 @@
+-- give_back: the holder never used its slot (or met a 429: busy): it stops counting now.
+-- KEYS[1] - the fleet's prefix
+-- ARGV[1] - {lease, account, busy (mark the account busy until a newer poll), owner, ttl,
+--            strategy, pref, grace, idle}
+-- returns  - '{}'
+local epoch = ensure_epoch()
+reclaim()
+local rec = lease_get(A.lease)
+local changed = false
+if rec then drop_lease(A.lease, rec); changed = true end
+if A.busy then redis.call('HSET', P .. 'busy', A.account, tick()) end
+if changed then dispatch(epoch) end
+finish()
+return '{}'

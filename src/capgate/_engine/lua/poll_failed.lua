@@ -1,0 +1,18 @@
+-- poll_failed: record a failed poll and when the next one is due; release the lock.
+-- KEYS[1] - the fleet's prefix
+-- ARGV[1] - {token, auth (a refused token), message, status, delay (seconds, computed by
+--            capgate._policy.backoff_delay from the failures begin_poll returned), grace, idle}
+-- returns  - '{}'
+ensure_epoch()
+redis.call('HINCRBY', M, 'polls_failed', 1)
+redis.call('HSET', M, 'last_error', A.message)
+if A.auth then
+  redis.call('HSET', M, 'auth_at', NOW, 'auth_msg', A.message, 'auth_status', A.status)
+else
+  redis.call('HINCRBY', M, 'failures', 1)
+end
+redis.call('HSET', M, 'next_poll_at', NOW + A.delay)
+if redis.call('GET', P .. 'lock') == A.token then redis.call('DEL', P .. 'lock') end
+PUB_ALL = true
+finish()
+return '{}'
