@@ -7,7 +7,6 @@ or another test (handlers, levels, structlog's global configuration) hides what 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -44,7 +43,6 @@ def _run(setup: str) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
         timeout=60,
-        env={**os.environ, "PYTHONWARNINGS": "error"},
     )
 
 

@@ -213,20 +213,27 @@ def _stdout_to_devnull() -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (``kill``, a service manager stopping us) ends the command as Ctrl-C does."""
+    """SIGTERM (``kill``, a service manager stopping us) ends the command as Ctrl-C does.
+
+    SIGINT gets the same plain handler: with it, asyncio's runner leaves SIGINT alone, and
+    Ctrl-C is a KeyboardInterrupt on every Python (on 3.10 the runner's own handler ends the
+    run with a CancelledError instead).
+    """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (main() inside another program): leave it
-        yield
-        return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, interrupt)
+    except ValueError:  # not the main thread (main() inside another program): leave them
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # --- shared output -----------------------------------------------------------------------
