@@ -415,9 +415,9 @@ def test_close_fails_waiters_lets_holders_finish_and_stops_the_loop(server, gate
 
     with gate.slot():  # one of b's two slots, so the waiter below must wait
         threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
-        for t in threads:
-            t.start()
-        assert holding.wait(10)
+        threads[0].start()
+        assert holding.wait(10)  # b's other slot: the waiter must wait
+        threads[1].start()
         time.sleep(0.3)
         gate.close()
         assert gate.closed
@@ -561,3 +561,24 @@ def test_gate_made_before_fork_works_in_every_child(server, gates, store, used_b
             assert fake.peak[account] <= max_jobs
     with gate.slot(timeout=30) as slot:  # the parent's own loop was left alone
         slot.mark_submitted("parent-after")
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_refuses_the_parents_client(gates):
+    """A gate given client= refuses it in a forked child, with a message saying what to do."""
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request expected")
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(never))
+    gate = gates("t", client=client, poll_interval=0.2)
+
+    def child(i: int) -> str:
+        try:
+            gate.slot()
+        except RuntimeError as exc:
+            return str(exc)
+        return "no error"
+
+    [result] = _fork_children(1, child)
+    assert result["ok"].startswith("this SyncCapacityGate was given client=, an httpx.AsyncClient")
