@@ -509,3 +509,64 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+# --- regressions of the one-engine issue ------------------------------------------------------
+
+
+def test_listed_jobs_count_against_the_local_cap_when_the_row_has_only_available(clock):
+    """Regression (bug 1): a row with only ``available`` and two listed jobs, cap 2: no room.
+
+    The cap was applied as ``cap - (row.busy or 0)``, and ``busy`` is unknown for such a row,
+    so the jobs the answer lists under the account were not counted: 2 slots were granted.
+    """
+    ledger = Ledger(clock, max_jobs=2)
+    snapshot = Snapshot(
+        service="ltxstudio",
+        accounts=(AccountCapacity("a", None, None, 3),),
+        executing=(ExecutingJob("j1", "a"), ExecutingJob("j2", "a")),
+        requested_at=0.0,
+        received_at=0.0,
+    )
+    ledger.apply_snapshot(snapshot, ledger.tick())
+    assert ledger.free("a") == 0
+
+
+def test_once_a_lag_is_known_a_settle_without_job_id_counts_for_that_long(ledger, clock):
+    """Regression (bug 5): with a lag known, a slot settled without a job id keeps counting.
+
+    It used to stop counting at the first snapshot sent after its settle, as if the counts
+    did not lag: the gate's own jobs then exceeded the local cap for the length of the lag.
+    """
+    _lagging_start(ledger, clock)  # a lag of 16 s is known
+    assert ledger.lag == pytest.approx(16)
+    clock.now = 20
+    anonymous = ledger.reserve("a")
+    ledger.settle(anonymous, None)  # a create that timed out, a body that raised
+    clock.now = 25
+    ledger.apply_snapshot(snap_at(25, ("a", 2, 0)), ledger.tick())
+    assert ledger.pending("a") == 1  # 5 s after its settle, inside the 16 s lag
+    clock.now = 37
+    ledger.apply_snapshot(snap_at(37, ("a", 2, 1)), ledger.tick())
+    assert ledger.pending("a") == 0  # 17 s after: the counts have caught up
+
+
+def test_the_snapshot_that_shows_the_lag_keeps_the_other_reservations(ledger, clock):
+    """Regression (bug 5): the snapshot a lag is learnt from judges the others by that lag.
+
+    It used to drop the other settled reservations with the allowance from before (none),
+    so right when the lag became known the gate's jobs could exceed the local cap.
+    """
+    ledger.apply_snapshot(snap_at(0, ("a", 3, 0)), ledger.tick())
+    first = ledger.reserve("a")
+    ledger.settle(first, "job-1")
+    clock.now = 1
+    ledger.apply_snapshot(snap_at(1, ("a", 3, 0)), ledger.tick())  # misses job-1: dropped
+    clock.now = 2
+    second = ledger.reserve("a")
+    ledger.settle(second, "job-2")
+    clock.now = 3
+    # lists job-1 (3 s late) and misses job-2, settled 1 s ago: job-2 may be running unseen
+    ledger.apply_snapshot(snap_at(3, ("a", 3, 1), jobs=(("job-1", "a"),)), ledger.tick())
+    assert ledger.lag == pytest.approx(3)
+    assert ledger.pending("a") == 1

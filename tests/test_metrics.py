@@ -237,12 +237,6 @@ def test_missing_extra_names_the_install(blocked, call, hint):
     assert hint in done.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gate.statistics() outside the event loop's thread has no clock, so free slots "
-    "read 0 and quarantines are left out (prometheus_client's start_http_server scrapes "
-    "from its own thread)",
-)
 async def test_a_scrape_from_another_thread_sees_free_slots(make_gate):
     """A scrape from a server thread (start_http_server's) sees the same free slots."""
     gate, _ = make_gate({"a@x.io": 3})

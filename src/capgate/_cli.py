@@ -232,8 +232,8 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # --- shared output -----------------------------------------------------------------------

@@ -87,8 +87,8 @@ class Picker:
     def _rank(self) -> dict[str, int]:
         """Preference rank per account: ``order`` first, then the server's (built lazily)."""
         if self._rank_map is None:
-            rank = {account: i for i, account in enumerate(self._given_order or ())}
-            for account in self.free:
+            rank: dict[str, int] = {}
+            for account in (*(self._given_order or ()), *self.free):
                 rank.setdefault(account, len(rank))
             self._rank_map = rank
         return self._rank_map

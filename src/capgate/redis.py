@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -52,6 +54,23 @@ def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return number
+
+
+#: every store of this process, so that a forked child starts them afresh
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # the parent's connections and users are the parent's: a child opens its own pool
+    # (and a lock held by a parent thread at the fork would never be released here)
+    for store in list(_STORES):
+        store._lock = threading.Lock()
+        store._pool = None
+        store._users = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RedisStore:
@@ -116,14 +135,15 @@ class RedisStore:
         )
         self.socket_timeout = _positive("socket_timeout", socket_timeout)
         self.idle_ttl = _positive("idle_ttl", idle_ttl)
-        if self.idle_ttl < 10 * self.lease_ttl:
+        if self.idle_ttl < self.lease_ttl:
+            # a crashed holder's lease must be reclaimed before its fleet's keys expire
             raise ValueError(
-                f"idle_ttl must be at least 10 x lease_ttl ({10 * self.lease_ttl:g} s), "
-                f"got {idle_ttl!r}"
+                f"idle_ttl must be at least lease_ttl ({self.lease_ttl:g} s), got {idle_ttl!r}"
             )
         self._lock = threading.Lock()
         self._pool: _redis.ConnectionPool | None = None
         self._users = 0
+        _STORES.add(self)
 
     def key_prefix(self, token: str, service: str, url: str) -> str:
         """The prefix of one gate's keys: the namespace and a hash, never the token.

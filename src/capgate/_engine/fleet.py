@@ -285,14 +285,19 @@ class FleetStore:
     def _call(self, op: str, **named: Any) -> Any:
         """Run one script (blocking; in a worker or the renewal thread)."""
         named.update(self._fixed)
-        if self._clock is not None:
-            named["now"] = self._clock()
         raw = self._scripts[op](keys=[self._prefix], args=[json.dumps(named)])
         return json.loads(raw)
+
+    def _stamp(self, named: dict[str, Any]) -> dict[str, Any]:
+        """With a test clock, the script's time is the clock's when the call was made."""
+        if self._clock is not None:
+            named["now"] = self._clock()
+        return named
 
     async def _run(self, op: str, **named: Any) -> Any:
         # not abandoned on cancel: a script in flight finishes before the task moves on, so
         # a later give-back always runs after it on the server
+        self._stamp(named)
         result = await anyio.to_thread.run_sync(lambda: self._call(op, **named))
         self._store_up()
         return result
@@ -415,7 +420,7 @@ class FleetStore:
             waiters = [w for w in queue() if w.open]
             listed = []
             for w in waiters:
-                allowed = w.allowed if w.allowed is not None else allow
+                allowed = w.allowed if allow is None else allow & (w.allowed or allow)
                 listed.append(
                     [w.wid, w.priority, sorted(allowed) if allowed is not None else False]
                 )
@@ -622,7 +627,7 @@ class FleetStore:
     # --- changes ----------------------------------------------------------------------------
 
     def _record(self, op: str, **named: Any) -> None:
-        self._outbox.append((op, named))
+        self._outbox.append((op, self._stamp(named)))
         self._ensure_keeper()
         self._kick.set()
 

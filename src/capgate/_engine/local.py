@@ -7,7 +7,7 @@ the hot path without awaiting anything.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 
@@ -99,12 +99,14 @@ class MemoryStore:
         if not free:
             return None
         # free_accounts() keeps the server's order, which is the default preference order
+        order: Sequence[str] | None = self._config.accounts
+        if self._config.strategy == "round_robin":
+            # "after the one granted last" counts full accounts too: they keep their place
+            snapshot = self._ledger.snapshot
+            assert snapshot is not None  # noqa: S101 - fresh
+            order = [*(order or ()), *(row.account for row in snapshot.accounts)]
         return Picker(
-            self._config.strategy,
-            free,
-            self._config.accounts,
-            last=self._rr_last,
-            describe=self._candidate,
+            self._config.strategy, free, order, last=self._rr_last, describe=self._candidate
         )
 
     def _pick(self, picker: Picker, allowed: frozenset[str] | None) -> str | None:

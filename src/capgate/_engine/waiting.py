@@ -168,6 +168,7 @@ class Engine:
             lease = store.grant_nowait(allowed, now)
             if lease is not None:
                 self._count_grant(lease, 0.0, priority)
+                self.waits.observe(0.0)
                 # like trio's CapacityLimiter: a grant still yields to the scheduler once,
                 # shielded, so a loop of grants cannot starve other tasks
                 await anyio.lowlevel.cancel_shielded_checkpoint()

@@ -1,0 +1,333 @@
+"""Every store grants exactly what the in-memory store grants.
+
+A Hypothesis state machine drives the stores under test through the same random sequence
+(snapshots with partial rows, lagging counts and missing accounts; waiters with priorities
+and allow-lists; grants; settles with and without job ids; give-backs; busy marks;
+quarantines and restores; time passing) and, after every step, compares the grants each
+store made: same waiter, same account. The in-memory store also answers for the invariants
+(no account granted past its room, no waiter outside its allow-list). It runs against
+memory always, and against Redis (and a Redis Cluster, see test_redis_deployments) when one
+answers. A new store is done when it passes here.
+
+Time is trio's MockClock, moved by the machine; the Redis store takes the same clock (its
+scripts use it instead of the server's TIME), with leases and heartbeats long enough never
+to expire: the in-memory store has no such thing to compare.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import pytest
+import trio.testing
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from capgate._config import check_config
+from capgate._engine.base import Lease, PollTicket, Store, Waiter
+from capgate._engine.local import MemoryStore
+from capgate._models import AccountCapacity, ExecutingJob, Snapshot
+from redis_support import REDIS_URL, delete_namespace, reachable
+
+ACCOUNTS = ("a@x.io", "b@x.io", "c@x.io")
+SPACING = 5.0
+
+StoreFactory = Callable[[Any, Callable[[], float]], tuple[Store, Callable[[], None]]]
+
+
+def memory_store(config: Any, clock: Callable[[], float]) -> tuple[Store, Callable[[], None]]:
+    return MemoryStore(config), lambda: None
+
+
+def redis_store(url: str) -> StoreFactory:
+    def factory(config: Any, clock: Callable[[], float]) -> tuple[Store, Callable[[], None]]:
+        from capgate._engine.fleet import FleetStore
+        from capgate.redis import RedisStore
+
+        namespace = f"capgate-conf-{uuid.uuid4().hex[:12]}"
+        rs = RedisStore(url, namespace=namespace, lease_ttl=1e6, recovery_grace=0, idle_ttl=1e6)
+        rs.heartbeat_ttl = 1e6  # nothing expires: the in-memory store has no leases
+        store = FleetStore(config, rs, clock=clock)
+
+        def cleanup() -> None:
+            rs._detach()
+            delete_namespace(namespace, url)
+
+        return store, cleanup
+
+    return factory
+
+
+rows = st.fixed_dictionaries(
+    {
+        "max_jobs": st.none() | st.integers(0, 3),
+        "executing": st.none() | st.integers(0, 3),
+        "available": st.none() | st.integers(0, 3),
+    }
+)
+
+
+class Conformance(RuleBasedStateMachine):
+    """The same steps on every store; the grants must agree."""
+
+    portal: anyio.from_thread.BlockingPortal
+    clock: trio.testing.MockClock
+    factories: dict[str, StoreFactory]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stores: dict[str, Store] = {}
+        self.cleanups: list[Callable[[], None]] = []
+        self.queues: dict[str, dict[str, Waiter]] = {}
+        self.leases: dict[str, dict[str, Lease]] = {}  # store -> waiter id -> its lease
+        self.granted: dict[str, dict[str, str]] = {}  # store -> waiter id -> account
+        self.ids = itertools.count()
+        self.jobs = itertools.count()
+        self.settled_jobs: list[str] = []
+        self.allowed: dict[str, frozenset[str] | None] = {}
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    @initialize(
+        strategy=st.sampled_from(["most_available", "round_robin", "first_fit"]),
+        accounts=st.none() | st.permutations(ACCOUNTS).map(lambda a: tuple(a[:2])),
+        max_jobs=st.none() | st.integers(1, 3),
+    )
+    def setup(self, strategy: str, accounts: tuple[str, ...] | None, max_jobs: int | None) -> None:
+        config = check_config(
+            "t",
+            service="ltxstudio",
+            url=None,
+            poll_interval=SPACING,
+            accounts=accounts,
+            max_jobs=max_jobs,
+            strategy=strategy,
+            quarantine_for=60.0,
+            poll_timeout=30.0,
+            max_backoff=None,
+            jitter=0.0,
+        )
+        for name, factory in self.factories.items():
+            store, cleanup = self.portal.call(_build, factory, config)
+            self.stores[name] = store
+            self.cleanups.append(cleanup)
+            self.queues[name] = {}
+            self.leases[name] = {}
+            self.granted[name] = {}
+
+    def teardown(self) -> None:
+        for store in self.stores.values():
+            self.portal.call(store.aclose)
+        for cleanup in self.cleanups:
+            cleanup()
+
+    # --- driving ----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return float(self.portal.call(_now))
+
+    def each(self, step: Callable[[str, Store], Any]) -> None:
+        """Apply one step to every store (on the loop), then compare their grants."""
+
+        async def run() -> None:
+            for name, store in self.stores.items():
+                result = step(name, store)
+                if hasattr(result, "__await__"):
+                    await result
+
+        self.portal.call(run)
+        self.collect()
+
+    def collect(self) -> None:
+        self.portal.call(self._collect)
+        reference = self.granted["memory"]
+        for name, granted in self.granted.items():
+            assert granted == reference, f"{name} granted {granted}, memory {reference}"
+
+    async def _collect(self) -> None:
+        for name, store in self.stores.items():
+            await store.flush()
+            queue = self.queues[name]
+
+            def order(queue: dict[str, Waiter] = queue) -> Iterator[Waiter]:
+                return iter(sorted(queue.values(), key=lambda w: (-w.priority, w.seq)))
+
+            for waiter, lease in await store.exchange(order):
+                assert waiter.open
+                waiter.lease = lease
+                del queue[waiter.wid]
+                self.leases[name][waiter.wid] = lease
+                self.granted[name][waiter.wid] = lease.account
+
+    # --- rules ------------------------------------------------------------------------------
+
+    @rule(
+        data=rows,
+        which=st.lists(st.sampled_from(ACCOUNTS), unique=True, max_size=3),
+        listed=st.lists(st.integers(0, 10), max_size=4),
+        extra=st.lists(st.sampled_from(ACCOUNTS), max_size=3),
+        drift=st.floats(0, 2),
+    )
+    def poll(
+        self,
+        data: dict[str, int | None],
+        which: list[str],
+        listed: list[int],
+        extra: list[str],
+        drift: float,
+    ) -> None:
+        """A snapshot: some accounts (maybe partial rows), some settled jobs listed (lag)."""
+        accounts = []
+        for account in which:
+            row = AccountCapacity(account, data["max_jobs"], data["executing"], data["available"])
+            if row.available is None and (row.max_jobs is None or row.executing is None):
+                row = AccountCapacity(account, None, None, 1)
+            accounts.append(row)
+        jobs = [
+            ExecutingJob(self.settled_jobs[i], None)
+            for i in sorted(set(listed))
+            if i < len(self.settled_jobs)
+        ]
+        jobs += [ExecutingJob(f"outside-{next(self.jobs)}", a) for a in extra]
+
+        async def step(name: str, store: Store) -> None:
+            ticket = await store.begin_poll(force=True)
+            assert isinstance(ticket, PollTicket)
+            now = anyio.current_time()
+            snapshot = Snapshot("ltxstudio", tuple(accounts), tuple(jobs), now, now + drift)
+            await store.apply(ticket, snapshot, SPACING)
+
+        self.each(step)
+
+    @rule(
+        priority=st.integers(0, 2),
+        allowed=st.none() | st.lists(st.sampled_from(ACCOUNTS), min_size=1, unique=True),
+    )
+    def arrive(self, priority: int, allowed: list[str] | None) -> None:
+        """A waiter joins every store's queue."""
+        wid = f"w{next(self.ids)}"
+        seq = int(wid[1:])
+        scope = None if allowed is None else frozenset(allowed)
+        self.allowed[wid] = scope
+        now = self.now()
+        for name in self.stores:
+            self.queues[name][wid] = Waiter(wid, seq, priority, scope, now)
+        self.collect()
+
+    def _held(self) -> list[str]:
+        return sorted(self.leases["memory"])
+
+    @precondition(lambda self: self.leases.get("memory"))
+    @rule(data=st.data(), with_id=st.booleans())
+    def settle(self, data: st.DataObject, with_id: bool) -> None:
+        """A holder submits its job, with or without an id."""
+        wid = data.draw(st.sampled_from(self._held()))
+        job = f"job-{next(self.jobs)}" if with_id else None
+        if job is not None:
+            self.settled_jobs.append(job)
+        self.each(lambda name, store: store.settle(self.leases[name].pop(wid), job))
+
+    @precondition(lambda self: self.leases.get("memory"))
+    @rule(data=st.data(), busy=st.booleans())
+    def give_back(self, data: st.DataObject, busy: bool) -> None:
+        """A holder gives its slot back unused (or met a 429)."""
+        wid = data.draw(st.sampled_from(self._held()))
+
+        def step(name: str, store: Store) -> None:
+            lease = self.leases[name].pop(wid)
+            if busy:
+                store.mark_busy(lease)
+            else:
+                store.give_back(lease)
+
+        self.each(step)
+
+    @precondition(lambda self: any(self.queues.get("memory", {}).values()))
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        """A waiter gives up."""
+        wid = data.draw(st.sampled_from(sorted(self.queues["memory"])))
+
+        def step(name: str, store: Store) -> None:
+            waiter = self.queues[name].pop(wid)
+            waiter.left = True
+            store.abandon(waiter, None)
+
+        self.each(step)
+
+    @rule(account=st.sampled_from(ACCOUNTS), seconds=st.sampled_from([1.0, 7.0, 1000.0]))
+    def quarantine(self, account: str, seconds: float) -> None:
+        """An account goes out of rotation for a while."""
+        self.each(lambda name, store: store.quarantine(account, seconds, "test"))
+
+    @rule(account=st.sampled_from(ACCOUNTS))
+    def restore(self, account: str) -> None:
+        """An account comes back."""
+        self.each(lambda name, store: store.restore(account))
+
+    @rule(seconds=st.sampled_from([0.5, 2.0, 6.0]))
+    def wait(self, seconds: float) -> None:
+        """Time passes (quarantines end, snapshots go stale)."""
+        self.portal.call(lambda: _jump(self.clock, seconds))
+        self.collect()
+
+    # --- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def grants_respect_allow_lists(self) -> None:
+        for wid, account in self.granted.get("memory", {}).items():
+            scope = self.allowed[wid]
+            assert scope is None or account in scope
+
+
+async def _jump(clock: trio.testing.MockClock, seconds: float) -> None:
+    clock.jump(seconds)
+
+
+async def _now() -> float:
+    return anyio.current_time()
+
+
+async def _build(factory: StoreFactory, config: Any) -> tuple[Store, Callable[[], None]]:
+    """Stores are built on the loop; they read its (virtual) clock there."""
+    return factory(config, anyio.current_time)
+
+
+@pytest.fixture(scope="module")
+def portal() -> Iterator[tuple[anyio.from_thread.BlockingPortal, trio.testing.MockClock]]:
+    clock = trio.testing.MockClock()
+    with anyio.from_thread.start_blocking_portal("trio", {"clock": clock}) as portal:
+        yield portal, clock
+
+
+def _run(portal: Any, factories: dict[str, StoreFactory], examples: int) -> None:
+    machine = type(
+        "Run",
+        (Conformance,),
+        {"portal": portal[0], "clock": portal[1], "factories": factories},
+    )
+    machine.TestCase.settings = settings(
+        max_examples=examples,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    machine.TestCase().runTest()
+
+
+def test_memory_store_keeps_its_invariants(portal) -> None:
+    """The in-memory store alone: grants stay within allow-lists, and each pass agrees."""
+    _run(portal, {"memory": memory_store}, examples=150)
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+def test_redis_store_grants_what_memory_grants(portal) -> None:
+    """The Redis store makes exactly the in-memory store's grants, step by step."""
+    _run(portal, {"memory": memory_store, "redis": redis_store(REDIS_URL)}, examples=120)
