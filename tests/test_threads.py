@@ -1,0 +1,112 @@
+"""The async gate from other threads: a webhook handler in a worker thread, a metrics scrape.
+
+``invalidate``, ``quarantine``, ``restore`` and a slot's ``mark_submitted``/``mark_busy`` run
+on the gate's event loop whatever thread calls them, as promptly as from inside it. Real
+time on both backends: a plain thread is invisible to trio's virtual clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from capgate import AccountQuarantined
+
+pytestmark = pytest.mark.anyio
+
+A = "a@x.io"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Both backends, on real clocks."""
+    return str(request.param)
+
+
+def in_thread(delay: float, fn: Callable[[], Any]) -> threading.Thread:
+    """Call ``fn`` from a plain thread (not anyio's) after ``delay`` seconds."""
+
+    def run() -> None:
+        time.sleep(delay)
+        fn()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_invalidate_from_a_plain_thread_wakes_a_waiter_at_once(make_gate):
+    """poll_interval=30, a job ends at 0.3 s, invalidate() from a thread at 0.5 s: a slot by 2 s.
+
+    Regression: from a thread the gate found no event loop and silently did nothing, so the
+    waiter saw the free slot only at the next poll, 30 s later.
+    """
+    gate, fake = make_gate({A: 1}, poll_interval=30.0)
+    fake.add_outside_job(A, duration=0.3)
+    started = anyio.current_time()
+    thread = in_thread(0.5, gate.invalidate)
+    with anyio.fail_after(5):
+        async with gate.slot() as slot:
+            waited = anyio.current_time() - started
+    await anyio.to_thread.run_sync(thread.join)
+    assert slot.account == A
+    assert 0.5 <= waited < 2.0
+    assert fake.polls == 2
+
+
+async def test_mark_submitted_from_a_plain_thread_settles_the_slot(make_gate):
+    """A slot handed to a worker thread is marked submitted there, with no NoEventLoopError."""
+    gate, _ = make_gate({A: 2})
+    errors: list[BaseException] = []
+    async with gate.slot() as slot:
+
+        def submit() -> None:
+            try:
+                slot.mark_submitted("job-1")
+            except BaseException as exc:  # noqa: BLE001 - the test asserts on it
+                errors.append(exc)
+
+        await anyio.to_thread.run_sync(in_thread(0.0, submit).join)
+        assert errors == []
+        assert slot.submitted
+        assert gate.statistics().held == 0
+
+
+async def test_quarantine_from_a_plain_thread_fails_its_waiters_at_once(make_gate):
+    """quarantine() from a thread reaches the loop: a waiter for that account fails at once."""
+    gate, fake = make_gate({A: 1}, poll_interval=30.0)
+    fake.add_outside_job(A, duration=60)
+    started = anyio.current_time()
+    thread = in_thread(0.3, lambda: gate.quarantine(A, seconds=600, reason="HTTP 596"))
+    with anyio.fail_after(5), pytest.raises(AccountQuarantined):
+        async with gate.slot(account=A):
+            pytest.fail("granted on a full, quarantined account")
+    await anyio.to_thread.run_sync(thread.join)
+    assert anyio.current_time() - started < 2.0
+    assert gate.statistics().accounts[0].quarantine_reason == "HTTP 596"
+
+
+async def test_restore_from_a_plain_thread_puts_the_account_back(make_gate):
+    """restore() from a thread brings the account back into rotation on the loop."""
+    gate, _ = make_gate({A: 1})
+    await gate.refresh()
+    gate.quarantine(A, seconds=600)
+    await anyio.to_thread.run_sync(in_thread(0.0, lambda: gate.restore(A)).join)
+    with anyio.fail_after(5):
+        async with gate.slot(account=A) as slot:
+            assert slot.account == A
+
+
+async def test_statistics_from_a_plain_thread_sees_free_slots(make_gate):
+    """statistics() from a thread (a metrics scrape) is read on the loop: free slots show."""
+    gate, _ = make_gate({A: 3})
+    async with gate.slot():
+        seen: list[Any] = []
+        await anyio.to_thread.run_sync(in_thread(0.0, lambda: seen.append(gate.statistics())).join)
+    assert seen[0].free == 2
+    assert seen[0].held == 1
