@@ -275,6 +275,41 @@ async def test_statistics_count_reservations(make_gate):
         assert stats.accounts[0].reserved == 1
 
 
+async def test_statistics_and_repr_count_full_accounts(make_gate):
+    """An account left out of available[] as full but listed in executing[] counts in capacity.
+
+    Regression: the repr read ``2/8 reserved`` with 10 slots in all, as the full account
+    (its 2 jobs running) was missing from both the rows and the capacity.
+    """
+    gate, fake = make_gate({A: 8, B: 2})  # the fake leaves full accounts out, as useapi does
+    fake.add_outside_job(B, duration=600)
+    fake.add_outside_job(B, duration=600)
+    holders = [await gate.slot().__aenter__() for _ in range(2)]
+    stats = gate.statistics()
+    assert stats.capacity == 10
+    assert [(r.account, r.max_jobs, r.executing, r.free) for r in stats.accounts] == [
+        (A, 8, 0, 6),
+        (B, 2, 2, 0),
+    ]
+    assert repr(gate).startswith("<CapacityGate ltxstudio: 2/10 reserved, 0 waiting")
+    for holder in holders:
+        holder._exit(None)
+
+
+async def test_statistics_count_quarantined_accounts(make_gate):
+    """A quarantined account left out of available[] still counts, with its last cap."""
+    gate, fake = make_gate({A: 3, B: 2})
+    await gate.refresh()
+    gate.quarantine(B, seconds=600, reason="HTTP 596")
+    fake.add_outside_job(B, duration=600)
+    fake.add_outside_job(B, duration=600)
+    await gate.refresh()  # B is full now: left out of available[]
+    stats = gate.statistics()
+    assert stats.capacity == 5
+    row = next(r for r in stats.accounts if r.account == B)
+    assert (row.max_jobs, row.quarantine_reason) == (2, "HTTP 596")
+
+
 # --- rule 2: when a reservation stops counting ----------------------------------------------------
 
 
@@ -1286,3 +1321,26 @@ async def test_one_slot_context_entered_by_two_tasks_at_once_is_refused(make_gat
     await anyio.sleep(2 * P)
     await gate.refresh()
     assert gate.statistics().held == 0
+
+
+# --- clear errors for clear mistakes ----------------------------------------------------------
+
+
+def test_max_jobs_naming_an_account_outside_accounts_is_refused():
+    """A cap for an account the allow-list lacks is a typo: refused, naming it."""
+    with pytest.raises(ValueError, match=r"^max_jobs names 'typo@x\.io', which is not among"):
+        CapacityGate("t", accounts=[A, B], max_jobs={"typo@x.io": 2})
+
+
+def test_capgate_redis_without_the_extra_names_the_install():
+    """Importing capgate.redis with no redis installed says which extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "try:\n    import capgate.redis\n"
+        "except ModuleNotFoundError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603
+    assert "pip install 'capgate[redis]'" in done.stdout
