@@ -462,7 +462,10 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 if inflight.snapshot is None and inflight.error is None:
-                    await self.store.poll_aborted(inflight.ticket)
+                    try:
+                        await self.store.poll_aborted(inflight.ticket)
+                    except Exception:  # as above: a trio system task must not raise
+                        log.exception("capgate.poll_crashed", service=self.service)
                 self._inflight = None
                 if not self.closed:
                     try:  # collect what the answer granted (fleet mode: inside Redis)
