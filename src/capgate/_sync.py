@@ -41,6 +41,7 @@ from ._gate import CapacityGate, Slot
 from ._log import log
 from ._policy import classify_create
 from ._services import get_service
+from ._submit import error_excerpt
 
 if TYPE_CHECKING:
     from ._models import GateStatistics, Snapshot
@@ -541,7 +542,7 @@ class SyncCapacityGate:
                     slot.mark_busy()
                     continue
                 if outcome == "broken":
-                    error = _error_excerpt(_json(response))
+                    error = error_excerpt(_json(response))
                     slot.quarantine(reason=f"HTTP {status}" + (f": {error}" if error else ""))
                     continue
                 if outcome == "refused":
@@ -657,12 +658,6 @@ def _json(response: _Response) -> Any:
         return response.json()
     except Exception:  # noqa: BLE001 - any unreadable body simply has no job id
         return None
-
-
-def _error_excerpt(body: Any, limit: int = 200) -> str:
-    error = body.get("error") if isinstance(body, dict) else None
-    text = " ".join(str(error).split()) if error is not None else ""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _after_fork_in_child() -> None:
