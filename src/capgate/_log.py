@@ -38,11 +38,12 @@ class _Event(dict[str, Any]):
         return f"{self['event']} {fields}" if fields else str(self["event"])
 
 
-def _capture() -> LogCapture | None:
-    """The ``capture_logs()`` in force, if any (it swaps structlog's global processors)."""
-    for processor in structlog.get_config()["processors"]:
-        if isinstance(processor, LogCapture):
-            return processor
+def _capture() -> list[Any] | None:
+    """The processors of a ``capture_logs()`` in force (it swaps structlog's global ones for
+    its own, ending in a ``LogCapture``), else ``None``."""
+    processors: list[Any] = structlog.get_config()["processors"]
+    if processors and isinstance(processors[-1], LogCapture):
+        return processors
     return None
 
 
@@ -54,11 +55,12 @@ class Logger:
     def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
         capture = _capture()
         if capture is not None:
-            entry = dict(fields, event=event)
+            entry: Any = dict(fields, event=event)
             if method == "exception":
                 entry["exc_info"] = True
             with contextlib.suppress(structlog.DropEvent):  # how LogCapture keeps the entry
-                capture(None, method, entry)
+                for processor in capture:
+                    entry = processor(None, method, entry)
             return
         if not _stdlib.isEnabledFor(level):
             return

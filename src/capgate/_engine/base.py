@@ -45,8 +45,11 @@ class Wakeup:
 
     async def sleep(self, timeout: float = math.inf) -> None:
         """Wait until woken or ``timeout``; a wake-up that came while awake returns at once."""
-        with anyio.move_on_after(timeout):
-            await self.event.wait()
+        if timeout == math.inf:
+            await self.event.wait()  # no cancel scope: most waiters wait like this
+        else:
+            with anyio.move_on_after(timeout):
+                await self.event.wait()
         if self.event.is_set():
             self.event = anyio.Event()
 

@@ -291,6 +291,11 @@ class Ledger:
         """Take ``account`` out of rotation until ``until`` (``None``: until restored)."""
         self._quarantine[account] = (until, reason)
 
+    @property
+    def any_quarantined(self) -> bool:
+        """Whether any account is (or was until now) out of rotation."""
+        return bool(self._quarantine)
+
     def restore(self, account: str) -> bool:
         """Put ``account`` back into rotation; True if it was out."""
         return self._quarantine.pop(account, None) is not None

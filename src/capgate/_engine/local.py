@@ -76,6 +76,8 @@ class MemoryStore:
         return self._ledger.snapshot
 
     def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
+        if not self._ledger.any_quarantined:
+            return {}  # the hot path: nothing is out
         return {
             a: (math.inf if until is None else until - now, reason)
             for a, (until, reason) in self._ledger.quarantine_items(now).items()
