@@ -4,11 +4,19 @@ Usage::
 
     python tests/fleet_worker.py run URL REDIS NAMESPACE JOBS CONCURRENCY DURATION INTERVAL TTL
     python tests/fleet_worker.py hold URL REDIS NAMESPACE SLOTS INTERVAL TTL [EXTRA]
+    python tests/fleet_worker.py pause URL REDIS NAMESPACE SLOTS DURATION INTERVAL TTL
+    python tests/fleet_worker.py wait URL REDIS NAMESPACE WAITERS INTERVAL TTL
 
 ``run`` submits JOBS jobs of DURATION seconds through ``gate.submit`` with CONCURRENCY tasks
 and prints one JSON line with what it saw (NAMESPACE ``-``: no store, the in-process ledger).
 ``hold`` takes SLOTS slots, prints ``HELD`` and sleeps with them until killed, while EXTRA
 more tasks wait in the fleet's queue.
+``pause`` runs SLOTS ``gate.submit`` calls at once; when all SLOTS slots are held (inside
+``submit``, before its check of ``slot.lost``) it prints ``HELD`` and stops itself with
+SIGSTOP; once continued it finishes the jobs and prints one JSON line: the statuses its
+creates met and how many of the paused slots reported ``lost``.
+``wait`` queues WAITERS waiters (each would create a job of DURATION 0.3 s) and waits.
+``FLEET_IDLE_TTL`` sets the store's ``idle_ttl``.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from typing import Any
 
 import anyio
 import httpx
@@ -34,11 +44,13 @@ def _gate(url: str, redis_url: str, namespace: str, interval: float, ttl: float)
         return CapacityGate(TOKEN, url=url, poll_interval=interval, jitter=0.0)
     # FLEET_GRACE shortens the recovery grace where no restart happens (the benchmark)
     grace = os.environ.get("FLEET_GRACE")
+    idle = os.environ.get("FLEET_IDLE_TTL")
     store = RedisStore(
         redis_url,
         namespace=namespace,
         lease_ttl=ttl,
         recovery_grace=None if grace is None else float(grace),
+        idle_ttl=86400.0 if idle is None else float(idle),
     )
     return CapacityGate(TOKEN, url=url, poll_interval=interval, jitter=0.0, store=store)
 
@@ -120,6 +132,93 @@ async def hold(
             tg.start_soon(holder)
 
 
+class _PausingGate:
+    """Hands ``submit`` slots; the first ``slots`` of them stop the process once all are in."""
+
+    def __init__(self, gate: CapacityGate, slots: int) -> None:
+        self.gate = gate
+        self.slots = slots
+        self.entered = 0
+        self.all_in = anyio.Event()
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gate, name)
+
+    def slot(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.gate.slot(*args, **kwargs)
+        outer = self
+
+        class Pausing:
+            async def __aenter__(self) -> Any:
+                slot = await request.__aenter__()
+                if outer.entered < outer.slots:
+                    outer.entered += 1
+                    if outer.entered == outer.slots:
+                        print("HELD", flush=True)
+                        os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops here
+                        outer.all_in.set()
+                    await outer.all_in.wait()
+                    outer.lost += slot.lost
+                return slot
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                return await request.__aexit__(*exc)
+
+        return Pausing()
+
+
+async def pause(
+    url: str,
+    redis_url: str,
+    namespace: str,
+    slots: int,
+    duration: float,
+    interval: float,
+    ttl: float,
+) -> None:
+    gate = _gate(url, redis_url, namespace, interval, ttl)
+    pausing = _PausingGate(gate, slots)
+    create_url = url.replace("/scheduler/available", "/jobs")
+    statuses: dict[int, int] = {}
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def create(account: str) -> httpx.Response:
+            response = await client.post(
+                create_url,
+                json={"email": account, "duration": duration},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            return response
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(slots):
+                tg.start_soon(_submit, pausing, create)
+    await gate.aclose()
+    print(json.dumps({"statuses": statuses, "lost": pausing.lost}), flush=True)
+
+
+async def _submit(gate: Any, create: Any) -> None:
+    from capgate._submit import submit  # submit() itself, on the pausing wrapper
+
+    await submit(gate, create, account=None, timeout=30, max_attempts=5)
+
+
+async def wait(
+    url: str, redis_url: str, namespace: str, waiters: int, interval: float, ttl: float
+) -> None:
+    gate = _gate(url, redis_url, namespace, interval, ttl)
+
+    async def waiter() -> None:
+        async with gate.slot(timeout=3600):
+            await anyio.sleep(3600)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(waiters):
+            tg.start_soon(waiter)
+
+
 def main(argv: list[str]) -> None:
     # stdout carries the result; the library's warnings go to stderr
     structlog.configure(
@@ -152,6 +251,21 @@ def main(argv: list[str]) -> None:
             float(ttl),
             int(extra[0]) if extra else 0,
         )
+    elif mode == "pause":
+        slots, duration, interval, ttl = rest
+        anyio.run(
+            pause,
+            url,
+            redis_url,
+            namespace,
+            int(slots),
+            float(duration),
+            float(interval),
+            float(ttl),
+        )
+    elif mode == "wait":
+        waiters, interval, ttl = rest
+        anyio.run(wait, url, redis_url, namespace, int(waiters), float(interval), float(ttl))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

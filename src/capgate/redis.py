@@ -16,6 +16,11 @@ one queue of waiters served in arrival order across processes. How it works is d
 Needs the ``redis`` extra (``pip install 'capgate[redis]'``): redis-py's *synchronous*
 client, called through ``anyio.to_thread`` so that fleet mode runs on asyncio and trio
 alike (``redis.asyncio`` is asyncio-only), and from one renewal thread per gate.
+
+Deployments: a single server (``redis://``, ``rediss://``, ``unix://``), Sentinel
+(``redis+sentinel://``, or a client from ``Sentinel.master_for``), Redis Cluster (pass a
+``redis.cluster.RedisCluster`` as ``client=``: a fleet's keys share one hash slot), an ACL
+user limited to the fleet's keys and the commands its scripts run, and Valkey.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 try:
     import redis as _redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+    from redis.sentinel import Sentinel
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a venv without redis
     if exc.name != "redis":
         raise
@@ -44,6 +51,35 @@ if TYPE_CHECKING:
     from ._config import GateConfig
 
 __all__ = ["RedisStore"]
+
+_SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+_SCHEMES = ("redis://", "rediss://", "unix://", *_SENTINEL_SCHEMES)
+
+_Sentinel = tuple[list[tuple[str, int]], str, int, dict[str, str], bool]
+
+
+def _parse_sentinel(url: str) -> _Sentinel:
+    """``redis+sentinel://[user:password@]h1:p1,h2:p2/master[/db]``: nodes, master, db, auth."""
+    parts = urlsplit(url)
+    where = parts.netloc.rsplit("@", 1)
+    auth: dict[str, str] = {}
+    if len(where) == 2:
+        user, _, password = where[0].partition(":")
+        if user:
+            auth["username"] = unquote(user)
+        if password:
+            auth["password"] = unquote(password)
+    nodes = []
+    for node in where[-1].split(","):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("a sentinel URL lists host:port pairs, comma-separated")
+        nodes.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("a sentinel URL ends with /<master name>[/<db>]")
+    db = int(path[1]) if len(path) == 2 else 0
+    return nodes, unquote(path[0]), db, auth, parts.scheme.startswith("rediss")
 
 
 def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -62,10 +98,12 @@ _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     # the parent's connections and users are the parent's: a child opens its own pool
-    # (and a lock held by a parent thread at the fork would never be released here)
+    # (and a lock held by a parent thread at the fork would never be released here); a
+    # client= of the caller's reconnects by itself (redis-py pools check the process id)
     for store in list(_STORES):
         store._lock = threading.Lock()
         store._pool = None
+        store._sentinel_client = None
         store._users = 0
 
 
@@ -82,7 +120,13 @@ class RedisStore:
 
     Args:
         url: A redis-py URL: ``redis://[[user]:password@]host:port/db``, ``rediss://`` for
-            TLS, ``unix:///path.sock``.
+            TLS, ``unix:///path.sock``; or a Sentinel URL,
+            ``redis+sentinel://[[user]:password@]host:port[,host:port...]/master[/db]``
+            (the password is the data nodes'; ``rediss+sentinel://`` for TLS to them).
+        client: A ready redis-py client instead of ``url``: a ``redis.Redis`` (for
+            example from ``Sentinel.master_for``) or a ``redis.cluster.RedisCluster``. It
+            stays the caller's: capgate never closes it. Give it a ``socket_timeout``, and
+            no retries of its own (``retry=Retry(NoBackoff(), 0)``): the fleet retries.
         namespace: The first part of every key; keys are
             ``<namespace>:{<hash of token, service and url>}:<name>``, never the token itself.
         lease_ttl: Seconds a slot stays reserved for a holder that stopped renewing it (a
@@ -104,8 +148,9 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str = "redis://127.0.0.1:6379/0",
+        url: str | None = None,
         *,
+        client: Any = None,
         namespace: str = "capgate",
         lease_ttl: float = 120.0,
         recheck_interval: float = 1.0,
@@ -113,15 +158,35 @@ class RedisStore:
         socket_timeout: float = 2.0,
         idle_ttl: float = 86400.0,
     ) -> None:
-        if not isinstance(url, str):
+        if client is not None:
+            if url is not None:
+                raise TypeError("pass url or client, not both")
+            if not callable(getattr(client, "register_script", None)) or not callable(
+                getattr(client, "pubsub", None)
+            ):
+                raise TypeError(
+                    "client must be a redis-py client (redis.Redis or "
+                    f"redis.cluster.RedisCluster), not {type(client).__name__}"
+                )
+            url = ""
+        elif url is None:
+            url = "redis://127.0.0.1:6379/0"
+        elif not isinstance(url, str):
             raise TypeError(f"url must be a str, not {type(url).__name__}")
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("url must start with redis://, rediss:// or unix://")
+        elif not url.startswith(_SCHEMES):
+            raise ValueError(
+                "url must start with redis://, rediss://, unix://, redis+sentinel:// "
+                "or rediss+sentinel://"
+            )
+        sentinel = _parse_sentinel(url) if url.startswith(_SENTINEL_SCHEMES) else None
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
         if not namespace or any(ch.isspace() or ch in "{}" for ch in namespace):
             raise ValueError("namespace must be non-empty, without whitespace or braces")
         self._url = url
+        self._given_client = client
+        self._sentinel = sentinel
+        self._sentinel_client: _redis.Redis | None = None
         self.namespace = namespace
         self.lease_ttl = _positive("lease_ttl", lease_ttl)
         self.recheck_interval = _positive("recheck_interval", recheck_interval)
@@ -153,9 +218,15 @@ class RedisStore:
         digest = hashlib.sha256(f"{token}\0{service}\0{url}".encode()).hexdigest()[:16]
         return f"{self.namespace}:{{{digest}}}:"
 
-    def client(self) -> _redis.Redis:
+    def client(self) -> Any:
         """A synchronous client on the store's pool (internal; thread-safe)."""
+        if self._given_client is not None:
+            return self._given_client
         with self._lock:
+            if self._sentinel is not None:
+                if self._sentinel_client is None:
+                    self._sentinel_client = self._sentinel_master()
+                return self._sentinel_client
             if self._pool is None:
                 self._pool = _redis.ConnectionPool.from_url(
                     self._url,
@@ -166,6 +237,30 @@ class RedisStore:
                     health_check_interval=0,
                 )
             return _redis.Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
+
+    def _sentinel_master(self) -> _redis.Redis:
+        assert self._sentinel is not None  # noqa: S101 - called only for sentinel URLs
+        nodes, master, db, auth, tls = self._sentinel
+        connect = min(self.socket_timeout, 1.0)
+        sentinel = Sentinel(
+            nodes,
+            sentinel_kwargs={
+                "socket_timeout": self.socket_timeout,
+                "socket_connect_timeout": connect,
+            },
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=connect,
+        )
+        client: _redis.Redis = sentinel.master_for(
+            master,
+            db=db,
+            ssl=tls,
+            username=auth.get("username"),
+            password=auth.get("password"),
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        return client
 
     def _open_store(self, config: GateConfig) -> FleetStore:
         """The fleet backend of one gate (internal; called once, at the gate's construction)."""
@@ -181,12 +276,21 @@ class RedisStore:
             pool = self._pool if self._users <= 0 else None
             if pool is not None:
                 self._pool = None
+            master = self._sentinel_client if self._users <= 0 else None
+            if master is not None:
+                self._sentinel_client = None
         if pool is not None:
             pool.disconnect()
+        if master is not None:
+            master.close()
+            master.connection_pool.disconnect()
 
     def __repr__(self) -> str:
         # the URL may carry a password: show only where it points
-        where = self._url.split("@")[-1].split("://")[-1]
+        if self._given_client is not None:
+            where = f"client={type(self._given_client).__name__}"
+        else:
+            where = self._url.split("@")[-1].split("://")[-1]
         return (
             f"<capgate.redis.RedisStore {where} namespace={self.namespace!r} "
             f"lease_ttl={self.lease_ttl:g}>"

@@ -29,9 +29,19 @@ How it works, in one place:
   instant (its holder may have created the job before it stopped), counts until a snapshot
   requested after the reclaim, and brings the next poll forward. Renewal never re-creates a
   reclaimed lease: a holder that was paused past its lease learns that its slot is *lost*
-  (``Slot.lost``, ``capgate.lease_lost``). Only a lease of an older epoch (Redis lost its
-  data) is re-asserted. A grant not yet picked up lives as long as its waiter's heartbeat
-  (``min(lease_ttl, 5)`` s without renewal), so a dead process's grants come back that soon.
+  (``Slot.lost``, ``capgate.lease_lost``). It need not wait for that answer: a lease that no
+  renewal confirmed for ``lease_ttl`` less one renewal period (by this host's clock, which
+  counts a SIGSTOP and, on Linux, a suspend) reports ``lost`` at once, so a process resuming
+  from a long pause learns it before its next create. Only a lease Redis lost is re-asserted
+  (an older epoch, or one missing during a recovery grace after a failover). A grant not
+  yet picked up lives as long as its waiter's heartbeat (``min(lease_ttl, 5)`` s without
+  renewal), so a dead process's grants come back that soon.
+- **A paused poller** holds the fleet up no longer than its lock (``SET PX``); its late
+  answer, or late failure, never replaces a newer snapshot (``apply`` compares logical
+  ticks) and is counted in ``meta.polls_late``.
+- **One configuration per fleet.** The first member stores its ``max_jobs``, ``accounts``
+  and ``strategy``; a gate built with other ones fails at construction (or, when Redis was
+  unreachable then, at its first exchange) with an error naming the difference.
 - **Redis trouble fails closed.** While Redis cannot be reached nothing is granted; waiters
   keep waiting, bounded by their own timeouts; ``capgate.store_unavailable`` is logged once
   and ``capgate.store_recovered`` when it is back. Every script is idempotent per lease and
@@ -39,7 +49,8 @@ How it works, in one place:
   ``run_id``), nothing is granted for ``recovery_grace`` seconds while live holders
   re-assert their leases.
 - **Keys expire.** Every script refreshes the fleet's keys to live ``idle_ttl`` seconds, so
-  an idle fleet leaves nothing behind; ``aclose()`` takes this gate's waiters out at once.
+  an idle fleet leaves nothing behind; ``aclose()`` takes this gate's waiters and unclaimed
+  grants out at once (the leases of slots still inside their blocks stay until they end).
 
 Redis is called through redis-py's synchronous client in worker threads
 (``anyio.to_thread``), so fleet mode runs on asyncio and trio alike. A script in flight is
@@ -50,6 +61,7 @@ follows always runs after it on the server.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -84,7 +96,7 @@ from .ledger import cap_for, row_limit
 if TYPE_CHECKING:
     from ..redis import RedisStore
 
-__all__ = ["SCRIPTS", "FleetStore"]
+__all__ = ["SCRIPTS", "FleetStore", "config_mismatch", "fleet_config"]
 
 #: the operations, one Lua file each; common.lua is prepended to every one
 OPERATIONS = (
@@ -101,6 +113,7 @@ OPERATIONS = (
     "invalidate",
     "renew",
     "close",
+    "join",
 )
 
 
@@ -111,6 +124,72 @@ def _load_scripts() -> dict[str, str]:
 
 
 SCRIPTS = _load_scripts()
+
+#: like monotonic, but on Linux it also counts a suspend (a laptop lid, a paused VM)
+_steady: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
+
+
+class _FleetLease(Lease):
+    """A lease in Redis: ``lost`` also once no renewal confirmed it for too long.
+
+    ``confirmed_until`` is this host's steady time until which the lease is surely still
+    ours in Redis (the send time of the latest call that extended it, plus its length, less
+    one renewal period). Past it the fleet may have reclaimed it (the process was paused), so
+    ``lost`` turns true and stays true: a caller must not create on it.
+    """
+
+    __slots__ = ("_lost", "confirmed_until")
+
+    def __init__(self, account: str, granted_at: float, handle: Any, confirmed_until: float):
+        self._lost = False
+        self.confirmed_until = confirmed_until
+        super().__init__(account, granted_at, handle)
+
+    @property
+    def lost(self) -> bool:
+        if not self._lost and _steady() >= self.confirmed_until:
+            self._lost = True
+        return self._lost
+
+    @lost.setter
+    def lost(self, value: bool) -> None:
+        self._lost = self._lost or value
+
+
+def fleet_config(config: GateConfig) -> str:
+    """The part of a gate's configuration every member of a fleet must share, as JSON."""
+    caps = config.max_jobs
+    if caps is not None and not isinstance(caps, int):
+        caps = dict(sorted(caps.items()))
+    return json.dumps(
+        {
+            "accounts": None if config.accounts is None else list(config.accounts),
+            "max_jobs": caps,
+            "strategy": str(config.strategy),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def config_mismatch(mine: str, fleet: str) -> ValueError | None:
+    """The error for a gate whose shared configuration differs from its fleet's, if it does."""
+    if mine == fleet:
+        return None
+    ours, theirs = json.loads(mine), json.loads(fleet)
+    parts = [
+        f"{name}={ours.get(name)!r} here, {theirs.get(name)!r} in the fleet"
+        for name in ("max_jobs", "accounts", "strategy")
+        if ours.get(name) != theirs.get(name)
+    ]
+    return ValueError(
+        "every gate of a fleet needs the same max_jobs, accounts and strategy; this one has "
+        + "; ".join(parts or ["another configuration"])
+    )
 
 
 class _State:
@@ -254,7 +333,12 @@ class FleetStore:
         redis_store._attach()
         self._client = redis_store.client()
         self._scripts = {op: self._client.register_script(src) for op, src in SCRIPTS.items()}
+        #: steady time of the latest call that heartbeat every waiter (a sync or a renewal)
+        self._beat = _steady()
+        self._config_json = fleet_config(config)
+        self._joined: str | None = None  # the epoch in which the fleet's configuration was checked
         self._lock_ids = itertools.count(1)
+        self._wids = itertools.count(1)
         self._exchange_lock: anyio.Lock | None = None
         self._exchanges_begun = 0
 
@@ -279,6 +363,27 @@ class FleetStore:
 
         self._state = _State()
         self._snapshot: Snapshot | None = None
+        try:
+            self._join()
+        except _redis.RedisError as exc:
+            # checked at the first exchange instead; a gate may be built before Redis is up
+            log.warning(
+                "capgate.store_unavailable",
+                service=self._service,
+                error=f"{type(exc).__name__}: {exc}",
+                held=0,
+            )
+        except BaseException:
+            redis_store._detach()
+            raise
+
+    def _join(self, named: dict[str, Any] | None = None) -> None:
+        """Check this gate's configuration against its fleet's (blocking; raises on a mismatch)."""
+        reply = self._call("join", **(named or self._stamp({"config": self._config_json})))
+        error = config_mismatch(self._config_json, str(reply["config"]))
+        if error is not None:
+            raise error
+        self._joined = str(reply["epoch"])
 
     # --- Redis calls ------------------------------------------------------------------------
 
@@ -418,6 +523,9 @@ class FleetStore:
             self._exchanges_begun += 1
             allow = self._config.allow
             waiters = [w for w in queue() if w.open]
+            for w in waiters:
+                if not w.wid:  # named on its first trip to Redis: unique across the fleet
+                    w.wid = f"{self._owner}-{next(self._wids)}"
             listed = []
             for w in waiters:
                 allowed = w.allowed if allow is None else allow & (w.allowed or allow)
@@ -425,7 +533,12 @@ class FleetStore:
                     [w.wid, w.priority, sorted(allowed) if allowed is not None else False]
                 )
             self._waiter_ids = [w.wid for w in waiters]
+            beat = self._beat
+            sent = _steady()
             try:
+                if self._joined is None:
+                    named = self._stamp({"config": self._config_json})
+                    await anyio.to_thread.run_sync(self._join, named)
                 data = await self._run(
                     "sync",
                     **self._dispatching,
@@ -435,15 +548,21 @@ class FleetStore:
             except _redis.RedisError as exc:
                 self._store_down(exc)
                 return []
+            self._beat = max(self._beat, sent)
+            if data.get("epoch") != self._joined:
+                self._joined = None  # Redis lost its data: store our configuration again
             self._apply_state(data)
             now = anyio.current_time()
-            grants = []
+            grants: list[tuple[Waiter, Lease]] = []
             by_id = {w.wid: w for w in waiters}
+            # a grant lives until its waiter's heartbeat ends: at least the previous beat's
+            # length from that beat (or from this call, for a waiter it enqueued)
+            confirmed = min(beat, sent) + self._rs.heartbeat_ttl - self._rs.renew_interval
             for wid, grant in _mapping(data.get("granted")).items():
                 waiter = by_id.get(wid)
                 if waiter is None or not waiter.open:
                     continue  # it left, or is leaving: its abandon gives the lease back
-                lease = Lease(str(grant[1]), now, (str(grant[0]), wid))
+                lease = _FleetLease(str(grant[1]), now, (str(grant[0]), wid), confirmed)
                 with self._held_lock:
                     self._held[str(grant[0])] = lease
                 grants.append((waiter, lease))
@@ -513,7 +632,8 @@ class FleetStore:
         if lease is not None:
             with self._held_lock:
                 self._held.pop(lease.handle[0], None)
-        self._record("abandon", waiter=waiter.wid, **self._dispatching)
+        if waiter.wid:  # else it never reached Redis
+            self._record("abandon", waiter=waiter.wid, **self._dispatching)
         return False
 
     # --- polling ----------------------------------------------------------------------------
@@ -607,6 +727,7 @@ class FleetStore:
                 await self._run(
                     "poll_failed",
                     token=ticket.token,
+                    tick=ticket.tick,
                     auth=auth,
                     message=str(error),
                     status=error.status_code or 0,
@@ -702,10 +823,12 @@ class FleetStore:
     def _ensure_keeper(self) -> None:
         if self._keeper is not None and self._keeper.is_alive():
             return
-        self._keeper = threading.Thread(
+        keeper = threading.Thread(
             target=self._keep, name=f"capgate-lease-renewal-{self._service}", daemon=True
         )
-        self._keeper.start()
+        keeper.start()
+        # published only once started: aclose() in a worker thread may join it at any time
+        self._keeper = keeper
 
     def _keep(self) -> None:
         every = self._rs.renew_interval
@@ -754,6 +877,7 @@ class FleetStore:
             wids = list(self._waiter_ids)
             if not held and not wids:
                 return
+            sent = _steady()
             reply = self._call(
                 "renew",
                 owner=self._owner,
@@ -762,6 +886,14 @@ class FleetStore:
                 held=held,
                 waiters=wids,
             )
+        self._beat = max(self._beat, sent)
+        lost_ids = set(reply.get("lost") or ())
+        until = sent + self._rs.lease_ttl - self._rs.renew_interval
+        with self._held_lock:
+            for lease_id, _, _ in held:
+                lease = self._held.get(lease_id)
+                if lease_id not in lost_ids and isinstance(lease, _FleetLease):
+                    lease.confirmed_until = max(lease.confirmed_until, until)
         if reply.get("reasserted"):
             log.warning(
                 "capgate.lease_reasserted", service=self._service, leases=reply["reasserted"]
@@ -782,6 +914,21 @@ class FleetStore:
 
     async def aclose(self) -> None:
         await self.flush()
+        with self._held_lock:
+            held = list(self._held)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._rs.socket_timeout + 1):
+            try:
+                data = await self._run(
+                    "close",
+                    **self._dispatching,
+                    held=held,
+                    known_tick=self._state.sent_tick,
+                )
+            except _redis.RedisError as exc:
+                self._store_down(exc)  # its waiters leave with their heartbeats
+            else:
+                self._apply_state(data)
+        self._waiter_ids = []
         self._stop.set()
         self._kick.set()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):

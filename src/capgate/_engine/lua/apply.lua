@@ -6,6 +6,8 @@
 --            lag_margin, lag_samples, watch_for, watch_max, owner, ttl, strategy, pref,
 --            grace, idle}
 -- returns  - JSON {applied: whether this answer is now the fleet's snapshot}
+-- An answer to a poll begun before the fleet's latest snapshot's (a poller paused past its
+-- lock) never replaces it: it is counted in meta.polls_late and dropped.
 local epoch = ensure_epoch()
 local st, sent = A.tick, tonumber(A.sent)
 if st > mget('sent_tick', 0) then
@@ -87,6 +89,8 @@ if st > mget('sent_tick', 0) then
     if tonumber(busy[i + 1]) < st then redis.call('HDEL', P .. 'busy', busy[i]) end
   end
   PUB_ALL = true
+else
+  redis.call('HINCRBY', M, 'polls_late', 1)
 end
 if redis.call('GET', P .. 'lock') == A.token then redis.call('DEL', P .. 'lock') end
 reclaim()

@@ -11,7 +11,8 @@
 -- Keys under P (each refreshed to live `idle` seconds by every script):
 --   meta     hash    epoch, run_id, grace_until, tick, lid, arrivals, sent_tick, sent_at,
 --                    fresh_until, next_poll_at, last_sent, failures, polls, polls_failed,
---                    last_error, auth_at/auth_msg/auth_status, rr_last, lag, snap, config
+--                    last_error, auth_at/auth_msg/auth_status, rr_last, lag, snap, config,
+--                    polls_late (answers that came after a newer one and were dropped)
 --   limit    hash    account -> slots the latest snapshot allows (cap applied)
 --   order    list    accounts in the snapshot's order
 --   jobs     set     job ids the latest snapshot lists as executing
@@ -28,6 +29,7 @@
 --   whb      zset    waiter id -> heartbeat expiry
 --   granted  hash    waiter id -> [lease id, account], until the lease ends
 --   gone     zset    waiter id -> when it left (never enqueued again)
+--   lost     zset    reclaimed lease id -> when (its holder's renewal is told it is lost)
 --   lock     string  the poll lock (SET NX PX)
 --   ev       pubsub  wake-ups: '*' for everyone, else the owners that were granted
 
@@ -35,7 +37,7 @@ local P = KEYS[1]
 local M = P .. 'meta'
 local A = cjson.decode(ARGV[1])
 local KEYS_OF_FLEET = {'meta', 'limit', 'order', 'jobs', 'watch', 'lags', 'lease', 'lexp',
-  'pending', 'busy', 'quar', 'queue', 'wait', 'whb', 'granted', 'gone', 'lock'}
+  'pending', 'busy', 'quar', 'queue', 'wait', 'whb', 'granted', 'gone', 'lost', 'lock'}
 
 local function server_now()
   local t = redis.call('TIME')
@@ -56,7 +58,10 @@ local function ensure_epoch()
   local e = redis.call('HGET', M, 'epoch')
   if e then
     if redis.call('HGET', M, 'run_id') ~= rid then
-      redis.call('HSET', M, 'run_id', rid, 'grace_until', NOW + A.grace)
+      -- a failover or a reload may have lost the latest writes (settles among them): poll
+      -- afresh, so the next grants rest on an answer requested after this instant
+      redis.call('HSET', M, 'run_id', rid, 'grace_until', NOW + A.grace, 'fresh_until', 0,
+        'next_poll_at', 0)
     end
     return e
   end
@@ -139,6 +144,7 @@ local function reclaim()
       rec.r = 1
       lease_put(id, rec)
       clear_grant(rec, id)
+      redis.call('ZADD', P .. 'lost', NOW, id)
       changed = true
       if rec.o then dead[rec.o] = true end
     end
@@ -157,6 +163,7 @@ local function reclaim()
     remove_waiter(wid)
   end
   redis.call('ZREMRANGEBYSCORE', P .. 'gone', '-inf', NOW - 3600)
+  redis.call('ZREMRANGEBYSCORE', P .. 'lost', '-inf', NOW - A.idle)
 end
 
 local function quarantined(a)
