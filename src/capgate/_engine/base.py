@@ -73,7 +73,8 @@ class Waiter(Wakeup):
     """One task waiting for a slot.
 
     Args:
-        wid: An id unique across every process of a fleet.
+        wid: An id unique across every process of a fleet, or ``""`` until a store that
+            needs one names it.
         seq: Arrival order within this process.
         priority: Higher goes first.
         allowed: The accounts it may use; ``None`` for any.
