@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -67,11 +68,24 @@ needs_redis_server = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(*, cluster: bool = False) -> int:
+    """A TCP port free on 127.0.0.1 now; for a cluster node, its bus port (+10000) too."""
+    if not cluster:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 10000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 class Server:
@@ -95,7 +109,8 @@ class Server:
         tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         assert binary is not None
-        self.port = free_port()
+        cluster = any(name == "cluster-enabled" for name, _ in options)
+        self.port = free_port(cluster=cluster)
         self.dir = workdir / f"node-{self.port}"
         self.dir.mkdir(parents=True)
         self.binary = binary
