@@ -136,9 +136,12 @@ async def grant_cost(n: int) -> dict[str, Any]:
     namespace = f"capgate-bench-{uuid.uuid4().hex[:10]}"
     results: dict[str, float] = {}
     async with httpx.AsyncClient(transport=fake.transport()) as client:
-        local = CapacityGate(fake.token, client=client, poll_interval=3600)
+        service = fake.spec.name
+        local = CapacityGate(fake.token, service=service, client=client, poll_interval=3600)
         store = RedisStore(REDIS_URL, namespace=namespace, recovery_grace=0)
-        fleet = CapacityGate(fake.token, client=client, poll_interval=3600, store=store)
+        fleet = CapacityGate(
+            fake.token, service=service, client=client, poll_interval=3600, store=store
+        )
         try:
             for _ in range(3):  # interleaved rounds; the best of each is kept
                 for name, gate in (("in_process", local), ("redis", fleet)):

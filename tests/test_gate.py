@@ -80,7 +80,7 @@ async def test_token_from_environment(monkeypatch):
     monkeypatch.setenv("USEAPI_TOKEN", "env-token")
     fake = FakeScheduler({A: 1}, token="env-token")
     async with httpx.AsyncClient(transport=fake.transport()) as client:
-        gate = CapacityGate(client=client, poll_interval=P)
+        gate = CapacityGate(client=client, service="ltxstudio", poll_interval=P)
         async with gate.slot() as slot:
             assert slot.account == A
         await gate.aclose()
@@ -113,7 +113,9 @@ def test_non_ascii_token_is_refused():
 
 def test_unknown_service_lists_known_ones():
     """An unknown service is a ValueError listing the known ones."""
-    with pytest.raises(ValueError, match=r"^unknown service 'runway'; known services: kling, "):
+    with pytest.raises(
+        ValueError, match=r"^unknown service 'runway'; known services: dreamina, flowmusic, "
+    ):
         CapacityGate("t", service="runway")
 
 
@@ -146,7 +148,7 @@ def test_plain_http_refused_off_loopback():
 def test_bad_options_are_refused(options, error, message):
     """Configuration is validated in __init__ with exact messages."""
     with pytest.raises(error, match=message):
-        CapacityGate("t", **options)
+        CapacityGate("t", service="kling", **options)
 
 
 async def test_url_replaces_only_the_url(make_gate):
@@ -1009,7 +1011,7 @@ async def test_token_cannot_be_pickled():
     """The token holder refuses pickling, so the token cannot leak through it."""
     import pickle
 
-    gate = CapacityGate(SECRET)
+    gate = CapacityGate(SECRET, service="kling")
     with pytest.raises(TypeError, match=r"^the API token cannot be pickled$"):
         pickle.dumps(gate._engine.config.token)
     await gate.aclose()
@@ -1141,8 +1143,8 @@ async def test_aclose_fails_waiters(make_gate):
 async def test_aclose_closes_own_client_only():
     """The gate closes the client it made, and leaves a caller's client open."""
     mine = httpx.AsyncClient()
-    gate = CapacityGate("t", client=mine)
-    own = CapacityGate("t")
+    gate = CapacityGate("t", service="kling", client=mine)
+    own = CapacityGate("t", service="kling")
     await gate.aclose()
     await own.aclose()
     assert not mine.is_closed
@@ -1329,7 +1331,7 @@ async def test_one_slot_context_entered_by_two_tasks_at_once_is_refused(make_gat
 def test_max_jobs_naming_an_account_outside_accounts_is_refused():
     """A cap for an account the allow-list lacks is a typo: refused, naming it."""
     with pytest.raises(ValueError, match=r"^max_jobs names 'typo@x\.io', which is not among"):
-        CapacityGate("t", accounts=[A, B], max_jobs={"typo@x.io": 2})
+        CapacityGate("t", service="kling", accounts=[A, B], max_jobs={"typo@x.io": 2})
 
 
 def test_capgate_redis_without_the_extra_names_the_install():

@@ -683,7 +683,7 @@ async def test_quarantine_validates_arguments(make_gate):
 
 def test_invalidate_outside_an_event_loop_is_harmless():
     """invalidate() with no running event loop (sync code) does nothing and raises nothing."""
-    gate = CapacityGate("t")
+    gate = CapacityGate("t", service="kling")
     gate.invalidate()
     assert gate.statistics().polls == 0
 

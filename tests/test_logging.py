@@ -25,7 +25,7 @@ async def main():
     fake = FakeScheduler({"a@x.io": 2}, token="s3cret-log-token", job_duration=0.05)
     fake.inject(Fault(status=503, body={"error": "down"}))
     async with httpx.AsyncClient(transport=fake.transport()) as client:
-        gate = CapacityGate(fake.token, client=client, poll_interval=0.01)
+        gate = CapacityGate(fake.token, service="ltxstudio", client=client, poll_interval=0.01)
         for n in range(4):
             async with gate.slot() as slot:
                 slot.mark_submitted(f"job-{n}")

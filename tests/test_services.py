@@ -10,9 +10,12 @@ from capgate import SERVICES, Service
 from capgate._services import get_service
 
 
-def test_six_services():
-    """Exactly the six documented services are known."""
-    assert set(SERVICES) == {"ltxstudio", "kling", "tempolor", "riffusion", "minimax", "pixverse"}
+def test_every_documented_service():
+    """The six scheduler/available services and the six newer shapes are known."""
+    assert set(SERVICES) == {
+        *("ltxstudio", "kling", "tempolor", "riffusion", "minimax", "pixverse"),
+        *("dreamina", "mureka", "minimax-agent", "luma", "flowmusic", "google-flow"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -24,10 +27,16 @@ def test_six_services():
         ("riffusion", "https://api.useapi.net/v1/riffusion/scheduler/available"),
         ("minimax", "https://api.useapi.net/v1/minimax/scheduler/available"),
         ("pixverse", "https://api.useapi.net/v2/pixverse/scheduler/available"),
+        ("dreamina", "https://api.useapi.net/v1/dreamina/scheduler"),
+        ("mureka", "https://api.useapi.net/v1/mureka/jobs"),
+        ("minimax-agent", "https://api.useapi.net/v1/minimax/agent/jobs"),
+        ("luma", "https://api.useapi.net/v1/luma/jobs"),
+        ("flowmusic", "https://api.useapi.net/v1/flowmusic"),
+        ("google-flow", "https://api.useapi.net/v1/google-flow"),
     ],
 )
 def test_default_urls(name, url):
-    """Each service polls its documented URL (pixverse is under /v2/)."""
+    """Each service's main capacity URL is the documented one (its API root if none)."""
     assert get_service(name).url == url
 
 
@@ -54,8 +63,8 @@ def test_unknown_service_lists_known_ones():
     """An unknown service is a ValueError naming every known one."""
     with pytest.raises(
         ValueError,
-        match=r"^unknown service 'runway'; known services: "
-        r"kling, ltxstudio, minimax, pixverse, riffusion, tempolor$",
+        match=r"^unknown service 'runway'; known services: dreamina, flowmusic, google-flow, "
+        r"kling, ltxstudio, luma, minimax, minimax-agent, mureka, pixverse, riffusion, tempolor$",
     ):
         get_service("runway")
 

@@ -106,7 +106,7 @@ def test_signature_is_capacity_gates():
 def test_bad_arguments_raise_as_the_async_gate_does():
     """A bad argument fails in the constructor with the async gate's own message."""
     with pytest.raises(ValueError, match=r"^poll_interval must be a finite number > 0, got -1$"):
-        SyncCapacityGate("t", poll_interval=-1)
+        SyncCapacityGate("t", service="kling", poll_interval=-1)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'servic'"):
         SyncCapacityGate("t", servic="kling")  # type: ignore[call-arg]
 
@@ -225,7 +225,7 @@ def test_slot_twin_surface(server, gates):
 
 def test_slot_arguments_are_checked_at_the_call(gates):
     """gate.slot() refuses bad arguments at the call, with the async gate's messages."""
-    gate = gates("t", poll_interval=0.2)
+    gate = gates("t", service="kling", poll_interval=0.2)
     with pytest.raises(TypeError, match=r"^priority must be an int, not str$"):
         gate.slot(priority="high")  # type: ignore[arg-type]
 
@@ -437,10 +437,10 @@ def test_close_fails_waiters_lets_holders_finish_and_stops_the_loop(server, gate
 def test_close_before_use_starts_nothing(gates):
     """close() on a gate never used starts nothing, and the gate then refuses slots."""
     before = set(threading.enumerate())
-    gate = gates("t", poll_interval=0.2)
+    gate = gates("t", service="kling", poll_interval=0.2)
     gate.close()
     assert set(threading.enumerate()) == before
-    with pytest.raises(GateClosed, match=r"^ltxstudio: the gate is closed$"):
+    with pytest.raises(GateClosed, match=r"^kling: the gate is closed$"):
         gate.refresh()
 
 
@@ -571,7 +571,7 @@ def test_a_forked_child_refuses_the_parents_client(gates):
         raise AssertionError("no request expected")
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(never))
-    gate = gates("t", client=client, poll_interval=0.2)
+    gate = gates("t", service="kling", client=client, poll_interval=0.2)
 
     def child(i: int) -> str:
         try:

@@ -28,6 +28,8 @@ from ._models import GateStatistics as GateStatistics
 from ._models import Snapshot as Snapshot
 from ._services import SERVICES as SERVICES
 from ._services import Service as Service
+from ._services import ServiceInfo as ServiceInfo
+from ._services import services as services
 from ._strategy import Candidate as Candidate
 from ._sync import SyncCapacityGate as SyncCapacityGate
 from ._sync import SyncSlot as SyncSlot
@@ -51,6 +53,7 @@ __all__ = [
     "GateStatistics",
     "PollError",
     "Service",
+    "ServiceInfo",
     "Slot",
     "SlotTimeout",
     "Snapshot",
@@ -58,4 +61,5 @@ __all__ = [
     "SyncCapacityGate",
     "SyncSlot",
     "__version__",
+    "services",
 ]

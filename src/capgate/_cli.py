@@ -41,7 +41,7 @@ import structlog
 
 from ._errors import AuthenticationError, CapacityGateError, PollError
 from ._gate import CapacityGate
-from ._services import SERVICES
+from ._services import SERVICES, active_services, get_service, service_for_url
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -440,11 +440,12 @@ def _token() -> str:
     return token
 
 
-def _service_of(args: argparse.Namespace) -> str:
-    """``--service`` if given, else the service ``--url`` names, else ltxstudio.
+def _service_of(args: argparse.Namespace) -> str | None:
+    """``--service`` if given, else the service ``--url`` names, else ``None``.
 
-    useapi's URLs are ``/<version>/<service>/scheduler/available``; ``capgate serve-fake``
-    serves the same paths, so its URL says which service it simulates.
+    useapi's URLs are ``/<version>/<service>/…``; ``capgate serve-fake`` serves the same
+    paths, so its URL says which service it simulates. With neither, the gate's own
+    ``TypeError`` (listing the active services) is the error shown.
     """
     if args.service is not None:
         return str(args.service)
@@ -452,12 +453,12 @@ def _service_of(args: argparse.Namespace) -> str:
         import httpx
 
         try:
-            parts = httpx.URL(args.url).path.strip("/").split("/")
+            spec = service_for_url(httpx.URL(args.url).path)
         except httpx.InvalidURL:
-            parts = []  # CapacityGate says what is wrong with it
-        if len(parts) >= 2 and parts[1] in SERVICES and parts[2:] == ["scheduler", "available"]:
-            return parts[1]
-    return "ltxstudio"
+            spec = None  # CapacityGate says what is wrong with it
+        if spec is not None:
+            return spec.name
+    return None
 
 
 def _open_gate(args: argparse.Namespace) -> CapacityGate:
@@ -569,9 +570,20 @@ def _status_view(
         parts.append(jobs_table)
     else:
         parts.append(Text("No jobs executing.", style="dim"))
+    status = _service_status(gate.service)
+    if status != "active":
+        parts.append(Text(f"{gate.service} is {status}; a gate on it still works", style="yellow"))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)
+
+
+def _service_status(name: str) -> str:
+    """``"active"``, or ``"retired on <date>"``."""
+    spec = get_service(name)
+    if spec.status == "active":
+        return "active"
+    return f"retired on {spec.retired_on}" if spec.retired_on else spec.status
 
 
 def _skipped(gate: CapacityGate, snapshot: Snapshot) -> str:
@@ -598,8 +610,11 @@ def _unreadable(gate: CapacityGate, snapshot: Snapshot) -> None:
 
 def _status_json(gate: CapacityGate, snapshot: Snapshot) -> dict[str, Any]:
     accounts, jobs = _snapshot_rows(snapshot)
+    spec = get_service(gate.service)
     return {
         "service": gate.service,
+        "status": spec.status,
+        "retired_on": spec.retired_on,
         "url": gate.url,
         "accounts": accounts,
         "executing": jobs,
@@ -741,10 +756,11 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             import httpx
 
             create = str(httpx.URL(url).copy_with(path=httpx.URL(fake.create_url).path))
+            root = str(httpx.URL(url).copy_with(path=httpx.URL(fake.base_url).path))
             key = fake.spec.account_key
             first = next(iter(args.accounts))
             accounts = ", ".join(f"{a} (maxJobs {n})" for a, n in args.accounts.items())
-            service = "" if args.service == "ltxstudio" else f" --service {args.service}"
+            service = ""  # the URL names the service
             example = json.dumps({key: first, "duration": 30})
             print(
                 f"capgate serve-fake: a simulated {args.service} service on loopback "
@@ -764,7 +780,8 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 f"  curl -H 'Authorization: Bearer {fake.token}' -d '{example}' {create}\n"
                 "\n"
                 "In Python:\n"
-                f'  gate = CapacityGate("{fake.token}", service="{args.service}", url="{url}")',
+                f'  gate = CapacityGate("{fake.token}", service="{args.service}", '
+                f'base_url="{root}")',
                 flush=True,
             )
             while True:
@@ -822,8 +839,8 @@ def _add_service(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--service",
         choices=sorted(SERVICES),
-        default="ltxstudio",
-        help="which useapi.net service (default: ltxstudio)",
+        default="kling",
+        help="which useapi.net service (default: kling)",
     )
 
 
@@ -832,7 +849,9 @@ def _add_poll_options(p: argparse.ArgumentParser) -> None:
         "--service",
         choices=sorted(SERVICES),
         default=None,
-        help="which useapi.net service (default: the one --url names, else ltxstudio)",
+        help="which useapi.net service (required unless --url names it): "
+        + ", ".join(active_services())
+        + " (retired ones still work)",
     )
     p.add_argument(
         "--url",

@@ -16,8 +16,17 @@ from typing import Any
 import httpx
 
 from ._errors import CapacityGateError
+from ._log import log
 from ._policy import MAX_POLL_INTERVAL
-from ._services import Service, get_service
+from ._services import (
+    UTC_MIDNIGHT,
+    Cooldown,
+    Service,
+    active_services,
+    get_service,
+    service_for_url,
+)
+from ._sources import ReadContext, SchedulerAvailable
 from ._strategy import STRATEGIES, Strategy
 
 __all__ = [
@@ -64,6 +73,14 @@ class GateConfig:
     poll_timeout: float
     max_backoff: float
     jitter: float
+    base_url: httpx.URL | None = None
+    reading: ReadContext | None = None
+    cooldowns: tuple[Cooldown, ...] = ()
+
+    @property
+    def api_root(self) -> httpx.URL:
+        """The API root the source's endpoints hang off."""
+        return self.base_url if self.base_url is not None else self.url
 
     @property
     def allow(self) -> frozenset[str] | None:
@@ -180,6 +197,76 @@ def _max_jobs(max_jobs: object, accounts: tuple[str, ...] | None) -> int | Mappi
     return max_jobs
 
 
+#: services whose retirement was already logged by this process
+_RETIRED_LOGGED: set[str] = set()
+
+
+def _service(service: object, base_url: object, url: object) -> Service:
+    """The service named, or the one ``base_url=``/``url=`` names; ``TypeError`` if none."""
+    if service is not None:
+        return get_service(service)  # type: ignore[arg-type]  # it checks the type itself
+    for value in (url, base_url):
+        if isinstance(value, (str, httpx.URL)):
+            try:
+                spec = service_for_url(httpx.URL(value).path)
+            except httpx.InvalidURL:
+                spec = None
+            if spec is not None:
+                return spec
+    raise TypeError(
+        "service= is required (there is no default any more): one of "
+        + ", ".join(active_services())
+        + "; or a base_url= or url= naming a known service path"
+    )
+
+
+def _urls(spec: Service, base_url: object, url: object) -> tuple[httpx.URL, httpx.URL]:
+    """The capacity URL and the API root."""
+    path = spec.source.path
+    root = check_url(base_url) if base_url is not None else None  # type: ignore[arg-type]
+    if root is not None:
+        root = root.copy_with(path=root.path.rstrip("/") or "/")
+    if url is not None:
+        capacity = check_url(url)  # type: ignore[arg-type]
+        suffix = "/" + path if path else ""
+        if root is None:
+            if not suffix:
+                root = capacity  # nothing is read on each poll: url= is the root itself
+            elif capacity.path.rstrip("/").endswith(suffix):
+                root = capacity.copy_with(path=capacity.path.rstrip("/")[: -len(suffix)] or "/")
+            elif isinstance(spec.source, SchedulerAvailable):
+                root = capacity  # a proxy's own path: the one endpoint is url= itself
+            else:
+                raise ValueError(
+                    f"url= must end in /{path or '<API root>'} for {spec.name}; "
+                    "pass base_url= (the API root) instead"
+                )
+        return capacity, root
+    if root is None:
+        root = httpx.URL(spec.api_root)
+    capacity = root.copy_with(path=root.path.rstrip("/") + ("/" + path if path else ""))
+    return capacity, root
+
+
+def _cooldowns(spec: Service, cooldowns: object) -> tuple[Cooldown, ...]:
+    if cooldowns is None:
+        return spec.cooldowns
+    if not isinstance(cooldowns, Mapping):
+        raise TypeError(f"cooldowns must be a mapping, not {type(cooldowns).__name__}")
+    known = {c.reason: c for c in spec.cooldowns}
+    out = dict(known)
+    for reason, seconds in cooldowns.items():
+        if reason not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise ValueError(
+                f"cooldowns names {reason!r}, not a 429 reason of {spec.name} (known: {names})"
+            )
+        if seconds != UTC_MIDNIGHT:
+            seconds = number(f"cooldowns[{reason!r}]", seconds, minimum=0, inclusive=True)
+        out[reason] = Cooldown(reason, known[reason].scope, seconds, "cooldowns=")
+    return tuple(out.values())
+
+
 def check_config(
     token: object,
     *,
@@ -193,17 +280,32 @@ def check_config(
     poll_timeout: object,
     max_backoff: object,
     jitter: object,
+    base_url: object = None,
+    cooldowns: object = None,
 ) -> GateConfig:
     """Check every option of a gate; raise ``TypeError``/``ValueError`` with an exact message."""
     secret = _token(token)
-    spec = get_service(service)  # type: ignore[arg-type]  # it checks the type itself
-    checked_url = check_url(spec.url if url is None else url)  # type: ignore[arg-type]
+    spec = _service(service, base_url, url)
+    checked_url, root = _urls(spec, base_url, url)
     interval = number("poll_interval", poll_interval, minimum=0)
     if interval > MAX_POLL_INTERVAL:
         raise ValueError(
             f"poll_interval must be at most {MAX_POLL_INTERVAL:g} s, got {poll_interval!r}"
         )
     names = None if accounts is None else account_set(accounts, "accounts")
+    caps = _max_jobs(max_jobs, names)
+    if spec.needs_max_jobs and caps is None:
+        raise ValueError(
+            f"{spec.name} publishes no per-account cap: max_jobs= is required "
+            "(an int for every account, or a mapping per account)"
+        )
+    if spec.needs_accounts and names is None:
+        if not isinstance(caps, Mapping):
+            raise ValueError(
+                f"{spec.name} has no account list the gate can read: accounts= is required "
+                "(or a max_jobs= mapping per account)"
+            )
+        names = tuple(caps)
     if not callable(strategy) and strategy not in STRATEGIES:
         raise ValueError(
             f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)} or a callable"
@@ -211,13 +313,17 @@ def check_config(
     jitter_f = number("jitter", jitter, minimum=0, inclusive=True)
     if jitter_f > 1:
         raise ValueError(f"jitter must be between 0 and 1, got {jitter!r}")
+    chosen_cooldowns = _cooldowns(spec, cooldowns)
+    if spec.status == "retired" and spec.name not in _RETIRED_LOGGED:
+        _RETIRED_LOGGED.add(spec.name)
+        log.warning("capgate.service_retired", service=spec.name, retired_on=spec.retired_on)
     return GateConfig(
         token=secret,
         service=spec,
         url=checked_url,
         poll_interval=interval,
         accounts=names,
-        max_jobs=_max_jobs(max_jobs, names),
+        max_jobs=caps,
         strategy=strategy,  # type: ignore[arg-type]  # checked above
         quarantine_for=number("quarantine_for", quarantine_for, minimum=0),
         poll_timeout=number("poll_timeout", poll_timeout, minimum=0),
@@ -227,4 +333,7 @@ def check_config(
             else number("max_backoff", max_backoff, minimum=0)
         ),
         jitter=jitter_f,
+        base_url=root,
+        reading=ReadContext(spec, caps, names),
+        cooldowns=chosen_cooldowns,
     )

@@ -195,10 +195,12 @@ class _SlotContext:
                 "this gate.slot() context is already entered; call gate.slot() again"
             )
         self._entering = True
-        try:
-            self._slot = await self._gate._acquire(self._allowed, self._timeout, self._priority)
+        engine = self._gate._engine
+        try:  # the engine awaited directly: one coroutine frame less for every waiter
+            lease, waited = await engine.acquire(self._allowed, self._timeout, self._priority)
         finally:
             self._entering = False
+        self._slot = Slot(engine, lease, waited)
         return self._slot
 
     async def __aexit__(
@@ -231,15 +233,21 @@ class CapacityGate:
 
     Args:
         token: The useapi.net API token; ``USEAPI_TOKEN`` from the environment when ``None``.
-        service: ``ltxstudio``, ``kling``, ``tempolor``, ``riffusion``, ``minimax`` or
-            ``pixverse``: picks the URL and the field names.
-        url: Replaces the URL only (a proxy, a simulator). ``http://`` only on loopback.
+        service: Which service (see :func:`capgate.services`): picks the API root, how
+            capacity is read and the field names. Required, unless ``base_url`` or ``url``
+            names a known service path.
+        base_url: The service's API root (default ``https://api.useapi.net/v1/<service>``;
+            a proxy, a simulator); the gate appends each endpoint's path. ``http://`` only
+            on loopback.
+        url: The capacity endpoint itself (``…/scheduler/available``), for a proxy that
+            serves it under another path.
         client: Your ``httpx.AsyncClient``; the gate does not close it. By default the gate
             makes one and closes it in :meth:`aclose`.
         poll_interval: Seconds between polls while anyone waits (plus up to ``jitter``).
         accounts: Only ever grant these accounts; for ``first_fit`` also their order.
         max_jobs: A local cap per account (an int for all, or a mapping), applied as
-            ``min(server maxJobs, cap)``.
+            ``min(server maxJobs, cap)``. Required for services that publish no cap
+            (``minimax-agent``, ``google-flow``); replaces Mureka's default of 10.
         strategy: ``"most_available"``, ``"round_robin"``, ``"first_fit"`` or a callable
             picking one account name from a sequence of :class:`Candidate`.
         quarantine_for: Default seconds an account stays out of rotation when quarantined.
@@ -249,17 +257,23 @@ class CapacityGate:
         store: A :class:`capgate.redis.RedisStore` to share one gate among processes and
             hosts (fleet mode, see ``capgate._engine.fleet``); ``None`` keeps the in-process
             store.
+        cooldowns: Seconds (or ``"utc-midnight"``) an account, or a model, stays out of
+            rotation per 429 reason :meth:`submit` recognises (Google Flow's), replacing
+            the documented defaults.
 
     Raises:
         CapacityGateError: No token was given and ``USEAPI_TOKEN`` is not set.
-        ValueError, TypeError: An argument is out of range or of the wrong type.
+        TypeError: No ``service`` and no URL naming one (the message lists the services).
+        ValueError, TypeError: An argument is out of range or of the wrong type, or
+            ``max_jobs`` is missing where the service publishes no cap.
     """
 
     def __init__(
         self,
         token: str | None = None,
         *,
-        service: str = "ltxstudio",
+        service: str | None = None,
+        base_url: str | None = None,
         url: str | None = None,
         client: httpx.AsyncClient | None = None,
         poll_interval: float = 5.0,
@@ -271,13 +285,16 @@ class CapacityGate:
         max_backoff: float | None = None,
         jitter: float = 0.1,
         store: RedisStore | None = None,
+        cooldowns: Mapping[str, float | str] | None = None,
     ) -> None:
         if client is not None and not isinstance(client, httpx.AsyncClient):
             raise TypeError(f"client must be an httpx.AsyncClient, not {type(client).__name__}")
         config = check_config(
             token,
             service=service,
+            base_url=base_url,
             url=url,
+            cooldowns=cooldowns,
             poll_interval=poll_interval,
             accounts=accounts,
             max_jobs=max_jobs,
@@ -299,7 +316,7 @@ class CapacityGate:
 
     @property
     def url(self) -> str:
-        """The ``scheduler/available`` URL polled."""
+        """The main capacity endpoint polled (the API root if the service has none)."""
         return str(self._engine.config.url)
 
     @property
@@ -362,12 +379,6 @@ class CapacityGate:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         return _SlotContext(self, allowed, timeout, priority)
 
-    async def _acquire(
-        self, allowed: frozenset[str] | None, timeout: float | None, priority: int
-    ) -> Slot:
-        lease, waited = await self._engine.acquire(allowed, timeout, priority)
-        return Slot(self._engine, lease, waited)
-
     async def __aenter__(self) -> str:
         task = anyio.get_current_task().id
         if task in self._task_slots:
@@ -375,8 +386,8 @@ class CapacityGate:
                 "async with gate is already active in this task; "
                 "use gate.slot() to hold several slots at once"
             )
-        slot = await self._acquire(None, None, 0)
-        self._task_slots[task] = slot
+        lease, waited = await self._engine.acquire(None, None, 0)
+        slot = self._task_slots[task] = Slot(self._engine, lease, waited)
         return slot.account
 
     async def __aexit__(

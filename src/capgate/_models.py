@@ -7,14 +7,18 @@ is skipped and reported, and the rest of the answer is used.
 
 from __future__ import annotations
 
+import bisect
 import math
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import PollError
-from ._services import Service
+
+if TYPE_CHECKING:
+    from ._services import Service
 
 __all__ = [
     "WAIT_BUCKETS",
@@ -25,6 +29,8 @@ __all__ = [
     "Snapshot",
     "WaitHistogram",
     "account_statistics",
+    "format_elapsed",
+    "parse_elapsed",
     "parse_snapshot",
 ]
 
@@ -80,13 +86,17 @@ class ExecutingJob:
         account: The account running it, from the row or embedded in the id; ``None`` if
             neither names it.
         started: When it started, if the server said (ISO string or epoch number).
-        elapsed: The server's ``elapsed`` text (``"03:45"``), if any.
+        elapsed: The server's ``elapsed`` text (``"03:45"``, ``"1m 23s"``), if any.
+        elapsed_seconds: ``elapsed`` in seconds (``MM:SS``, Dreamina's ``elapsedSeconds``,
+            ``"45s"`` / ``"1m 23s"``), when readable.
     """
 
     job_id: str
     account: str | None
     started: datetime | None = None
     elapsed: str | None = None
+    # derived from elapsed (or elapsedSeconds), so it takes no part in equality
+    elapsed_seconds: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -257,10 +267,7 @@ class WaitHistogram:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(WAIT_BUCKETS):
-            if seconds <= bound:
-                self._counts[i] += 1
-                break
+        self._counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
         self.total += seconds
 
     def buckets(self) -> tuple[tuple[float, int], ...]:
@@ -360,7 +367,7 @@ class RowError(ValueError):
     """A row of the answer is malformed (internal: the row is skipped and logged)."""
 
 
-def _count(row: Mapping[str, Any], key: str) -> int | None:
+def count_of(row: Mapping[str, Any], key: str) -> int | None:
     """A non-negative integer count, ``None`` when absent; ``RowError`` when malformed."""
     value = row.get(key)
     if value is None:
@@ -387,7 +394,7 @@ def _count(row: Mapping[str, Any], key: str) -> int | None:
     return number
 
 
-def _text(value: Any) -> str | None:
+def text_of(value: Any) -> str | None:
     if isinstance(value, str) and value.strip():
         return value.strip()
     if isinstance(value, int) and not isinstance(value, bool):
@@ -395,7 +402,7 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _started(value: Any) -> datetime | None:
+def started_of(value: Any) -> datetime | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -415,15 +422,53 @@ def _started(value: Any) -> datetime | None:
     return None
 
 
+_CLOCK = re.compile(r"^(?:(\d+):)?(\d{1,3}):(\d{1,2})$")
+_UNITS = re.compile(r"^(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?$")
+
+
+def parse_elapsed(value: object) -> float | None:
+    """Seconds from an ``elapsed`` as useapi writes it, or ``None`` when unreadable.
+
+    ``"03:45"`` (``MM:SS``, also ``H:MM:SS``), a number of seconds (Dreamina's
+    ``elapsedSeconds``), or ``"45s"`` / ``"1m 23s"`` (Mureka's model).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) and value >= 0 else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip().lower()
+    clock = _CLOCK.match(text)
+    if clock:
+        hours, minutes, seconds = clock.groups()
+        return int(hours or 0) * 3600.0 + int(minutes) * 60.0 + int(seconds)
+    units = _UNITS.match(text)
+    if units and any(units.groups()):
+        hours, minutes, seconds = units.groups()
+        return int(hours or 0) * 3600.0 + int(minutes or 0) * 60.0 + float(seconds or 0)
+    return None
+
+
+def format_elapsed(seconds: float, style: str) -> str | int:
+    """``seconds`` as a service writes it: ``"mm:ss"``, ``"int"`` or ``"units"``."""
+    whole = max(0, int(seconds))
+    if style == "int":
+        return whole
+    if style == "units":
+        return f"{whole // 60}m {whole % 60}s" if whole >= 60 else f"{whole}s"
+    return f"{whole // 60:02d}:{whole % 60:02d}"
+
+
 def _account_row(row: Any, service: Service) -> AccountCapacity:
     if not isinstance(row, Mapping):
         raise RowError("row is not an object")
-    account = _text(row.get(service.account_key))
+    account = text_of(row.get(service.account_key))
     if account is None:
         raise RowError(f"no {service.account_key}")
-    max_jobs = _count(row, "maxJobs")
-    executing = _count(row, "executing")
-    available = _count(row, "available")
+    max_jobs = count_of(row, "maxJobs")
+    executing = count_of(row, "executing")
+    available = count_of(row, "available")
     if available is None and (max_jobs is None or executing is None):
         raise RowError("no counts")
     return AccountCapacity(account, max_jobs, executing, available)
@@ -434,22 +479,23 @@ def _job_row(row: Any, service: Service) -> ExecutingJob:
         raise RowError("row is not an object")
     job_id = None
     for key in service.job_id_keys:
-        job_id = _text(row.get(key))
+        job_id = text_of(row.get(key))
         if job_id is not None:
             break
     if job_id is None:
         raise RowError(f"no {' or '.join(service.job_id_keys)}")
     account = None
     if service.executing_account_key is not None:
-        account = _text(row.get(service.executing_account_key))
+        account = text_of(row.get(service.executing_account_key))
     if account is None:
         account = service.account_from_job_id(job_id)
     elapsed = row.get("elapsed")
     return ExecutingJob(
         job_id=job_id,
         account=account,
-        started=_started(row.get("started")),
+        started=started_of(row.get("started")),
         elapsed=elapsed if isinstance(elapsed, str) else None,
+        elapsed_seconds=parse_elapsed(elapsed),
     )
 
 

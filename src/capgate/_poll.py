@@ -1,4 +1,4 @@
-"""Fetching one snapshot of ``scheduler/available`` over httpx.
+"""Fetching one snapshot of a service's capacity over httpx.
 
 This is the only module that sees httpx errors: each is mapped here, at one boundary, to
 :class:`PollError` or :class:`AuthenticationError`, chained with ``raise … from exc``.
@@ -10,19 +10,31 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import httpx
 
-from ._config import Secret, check_url
-from ._errors import AuthenticationError, PollError
+from ._config import GateConfig, Secret, check_url
+from ._errors import AuthenticationError, CapacityGateError, PollError
 from ._models import SkippedRow, Snapshot, parse_snapshot
 from ._services import Service
+from ._sources import ReadContext
 from ._version import __version__
 
-__all__ = ["MAX_BODY_BYTES", "Secret", "check_url", "fetch_snapshot", "parse_retry_after"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "Secret",
+    "check_url",
+    "fetch_capacity",
+    "fetch_snapshot",
+    "parse_retry_after",
+]
+
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 1024 * 1024
 #: past MAX_BODY_BYTES an answer is read and dropped up to this size, then cut off
@@ -115,6 +127,93 @@ async def _read_limited(response: httpx.Response, service: str) -> bytes:
     return b"".join(chunks)
 
 
+async def _get_json(client: httpx.AsyncClient, url: httpx.URL, secret: Secret, name: str) -> Any:
+    """One GET, redirects followed within ``url``'s origin; the decoded JSON answer.
+
+    An empty 404 is ``None`` (Luma's accounts endpoint with none configured).
+    """
+    target = url
+    for _ in range(MAX_REDIRECTS + 1):
+        request = client.build_request("GET", target, headers=_headers(secret))
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            if response.is_redirect:
+                location = response.headers.get("location", "")
+                next_url = target.join(location)
+                if not _same_origin(next_url, url):
+                    origin = f"{next_url.scheme}://{next_url.host}"
+                    raise PollError(
+                        f"{name}: refused a redirect to another origin "
+                        f"({_excerpt(origin, secret=secret.reveal())})",
+                        status_code=response.status_code,
+                    )
+                target = next_url
+                continue
+            body = await _read_limited(response, name)
+        finally:
+            await response.aclose()
+        break
+    else:
+        raise PollError(f"{name}: more than {MAX_REDIRECTS} redirects")
+
+    status = response.status_code
+    data: Any = None
+    decode_error: str | None = None
+    try:
+        data = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        decode_error = f"not JSON ({type(exc).__name__})"
+
+    error = _error_text(data, secret.reveal())
+    if status in (401, 403):
+        raise AuthenticationError(
+            f"{name}: the API token was refused (HTTP {status}" + (f": {error})" if error else ")"),
+            status_code=status,
+        )
+    if status == 404 and not body.strip():
+        return None
+    if status != 200:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        detail = error or (
+            _excerpt(body.decode("utf-8", "replace"), secret=secret.reveal())
+            if body
+            else "empty body"
+        )
+        raise PollError(
+            f"{name}: HTTP {status}: {detail}", status_code=status, retry_after=retry_after
+        )
+    if decode_error is not None:
+        raise PollError(f"{name}: answer is {decode_error}", status_code=status)
+    # an answer that is only an error (no data beside it) failed, whatever its status says
+    if isinstance(data, dict) and error is not None and set(data) <= {"error", "code"}:
+        code = data.get("code")
+        if code in (401, 403):
+            raise AuthenticationError(
+                f"{name}: the API token was refused ({error})", status_code=code
+            )
+        raise PollError(f"{name}: error in the answer: {error}", status_code=status)
+    return data
+
+
+async def _bounded(
+    name: str, secret: Secret, timeout: float, work: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``work`` within ``timeout`` seconds, every failure mapped to the gate's errors."""
+    try:
+        with anyio.fail_after(timeout):
+            return await work()
+    except TimeoutError:
+        raise PollError(f"{name}: no answer within {timeout:g} s") from None
+    except httpx.TimeoutException as exc:
+        raise PollError(f"{name}: timed out ({type(exc).__name__})") from exc
+    except CapacityGateError:
+        raise
+    except Exception as exc:  # httpx's errors, or a custom transport's own: a failed poll
+        raise PollError(
+            f"{name}: {type(exc).__name__}: {_excerpt(str(exc), secret=secret.reveal())}"
+        ) from exc
+
+
 async def fetch_snapshot(
     client: httpx.AsyncClient,
     url: httpx.URL,
@@ -143,75 +242,69 @@ async def fetch_snapshot(
     requested_at = anyio.current_time()
     secret = token if isinstance(token, Secret) else Secret(token)
     del token  # from here on only the Secret, whose repr hides it
-    target = url
-    try:
-        with anyio.fail_after(timeout):
-            for _ in range(MAX_REDIRECTS + 1):
-                request = client.build_request("GET", target, headers=_headers(secret))
-                response = await client.send(request, stream=True, follow_redirects=False)
-                try:
-                    if response.is_redirect:
-                        location = response.headers.get("location", "")
-                        next_url = target.join(location)
-                        if not _same_origin(next_url, url):
-                            origin = f"{next_url.scheme}://{next_url.host}"
-                            raise PollError(
-                                f"{name}: refused a redirect to another origin "
-                                f"({_excerpt(origin, secret=secret.reveal())})",
-                                status_code=response.status_code,
-                            )
-                        target = next_url
-                        continue
-                    body = await _read_limited(response, name)
-                finally:
-                    await response.aclose()
-                break
-            else:
-                raise PollError(f"{name}: more than {MAX_REDIRECTS} redirects")  # noqa: TRY301
-    except TimeoutError:
-        raise PollError(f"{name}: no answer within {timeout:g} s") from None
-    except httpx.TimeoutException as exc:
-        raise PollError(f"{name}: timed out ({type(exc).__name__})") from exc
-    except PollError:
-        raise
-    except Exception as exc:  # httpx's errors, or a custom transport's own: a failed poll
-        raise PollError(
-            f"{name}: {type(exc).__name__}: {_excerpt(str(exc), secret=secret.reveal())}"
-        ) from exc
-
-    status = response.status_code
-    data: Any = None
-    decode_error: str | None = None
-    try:
-        data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError) as exc:
-        decode_error = f"not JSON ({type(exc).__name__})"
-
-    error = _error_text(data, secret.reveal())
-    if status in (401, 403):
-        raise AuthenticationError(
-            f"{name}: the API token was refused (HTTP {status}" + (f": {error})" if error else ")"),
-            status_code=status,
-        )
-    if status != 200:
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        detail = error or (
-            _excerpt(body.decode("utf-8", "replace"), secret=secret.reveal())
-            if body
-            else "empty body"
-        )
-        raise PollError(
-            f"{name}: HTTP {status}: {detail}", status_code=status, retry_after=retry_after
-        )
-    if decode_error is not None:
-        raise PollError(f"{name}: answer is {decode_error}", status_code=status)
-    if isinstance(data, dict) and error is not None and "available" not in data:
-        code = data.get("code")
-        if code in (401, 403):
-            raise AuthenticationError(
-                f"{name}: the API token was refused ({error})", status_code=code
-            )
-        raise PollError(f"{name}: error in the answer: {error}", status_code=status)
+    data = await _bounded(name, secret, timeout, lambda: _get_json(client, url, secret, name))
+    if isinstance(data, dict) and "error" in data and "available" not in data:
+        error = _error_text(data, secret.reveal())
+        if error is not None:
+            raise PollError(f"{name}: error in the answer: {error}", status_code=200)
     return parse_snapshot(
         data, service, requested_at=requested_at, received_at=anyio.current_time()
     )
+
+
+async def fetch_capacity(
+    client: httpx.AsyncClient, config: GateConfig, *, timeout: float
+) -> tuple[Snapshot, list[SkippedRow]]:
+    """One poll of a gate's capacity source: every endpoint due, read and parsed.
+
+    The source (``config.service.source``) decides which endpoints to read; this function
+    sends them (only to the configured origins, the token in a header) and maps every
+    failure, as :func:`fetch_snapshot` does. ``timeout`` bounds the whole poll.
+
+    Raises:
+        AuthenticationError: 401 or 403 on any endpoint, or a body saying so.
+        PollError: Anything else that is not a usable answer.
+    """
+    spec = config.service
+    name = spec.name
+    reading = (
+        config.reading
+        if config.reading is not None
+        else ReadContext(spec, config.max_jobs, config.accounts)
+    )
+    secret = config.token
+    main, root = spec.source.path, config.api_root
+    requested_at = anyio.current_time()
+
+    async def get(path: str) -> Any:
+        if path == main:
+            data = await _get_json(client, config.url, secret, name)
+            mark = spec.source.error_unless
+            if mark and isinstance(data, dict) and "error" in data and mark not in data:
+                error = _error_text(data, secret.reveal())
+                if error is not None:
+                    raise PollError(f"{name}: error in the answer: {error}", status_code=200)
+            return data
+        target = httpx.URL(str(root).rstrip("/") + "/" + quote(path, safe="/"))
+        return await _get_json(client, target, secret, name)
+
+    result = await _bounded(
+        name, secret, timeout, lambda: spec.source.read(get, reading, requested_at)
+    )
+    accounts, seen = [], set()
+    skipped = list(result.skipped)
+    for index, row in enumerate(result.accounts):
+        if row.account in seen:
+            skipped.append(SkippedRow("accounts", index, "duplicate account"))
+            continue
+        seen.add(row.account)
+        accounts.append(row)
+    snapshot = Snapshot(
+        service=name,
+        accounts=tuple(accounts),
+        executing=tuple(result.executing),
+        requested_at=requested_at,
+        received_at=anyio.current_time(),
+        skipped=len(skipped),
+    )
+    return snapshot, skipped

@@ -111,7 +111,7 @@ class Scenario:
     lag: float = 0.0
     latency: float = 0.0
     callbacks: bool = False
-    service: str = "ltxstudio"
+    service: str = "kling"
 
     def __post_init__(self) -> None:
         if not self.accounts or any(

@@ -30,17 +30,15 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import anyio
 import httpx
 
 from ._services import Service, get_service
+from ._sources import NO_ROUTE
 
 __all__ = ["FakeJob", "FakeScheduler", "Fault", "serve"]
-
-_EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass
@@ -54,6 +52,7 @@ class FakeJob:
     outside: bool = False
     reply_url: str | None = None
     reply_ref: str | None = None
+    model: str | None = None
 
     def active(self, t: float) -> bool:
         return self.start <= t < self.end
@@ -87,11 +86,16 @@ class Fault:
 
 
 class FakeScheduler:
-    """An in-memory useapi.net service: scheduler/available, create, and running jobs.
+    """An in-memory useapi.net service: its capacity endpoints, create, and running jobs.
+
+    Every shape of :func:`capgate.services` is modelled: what each capacity endpoint
+    answers comes from the service's source (``Service.source.fake_get``), the job ids,
+    create path and create status from its entry, so this class knows no service by name.
 
     Args:
-        accounts: ``maxJobs`` per account.
-        service: Which service's URL and field names to speak.
+        accounts: The cap per account (``maxJobs``, Luma's ``concurrency``; for services
+            that publish none, the real limit the fake enforces with 429).
+        service: Which service's URLs, shapes and field names to speak.
         token: The API token it accepts; anything else gets 401.
         job_duration: Seconds a created job runs: a number, a ``(low, high)`` range drawn
             uniformly, or a callable taking a ``random.Random``.
@@ -126,6 +130,8 @@ class FakeScheduler:
         self._live: dict[str, FakeJob] = {}
         self.faults: deque[Fault] = deque()
         self.create_faults: dict[str, tuple[int, str]] = {}
+        self.model_faults: dict[tuple[str, str], tuple[int, str]] = {}
+        self.models: dict[str, str | None] = {}  # job id -> model, for assertions
         self.steal_next = 0
         self.on_job_done: Callable[[FakeJob], Awaitable[None]] | None = None
         self._ids = itertools.count(1001)
@@ -145,13 +151,21 @@ class FakeScheduler:
 
     @property
     def url(self) -> str:
-        """The scheduler URL (the service's real one: only the transport answers it)."""
+        """The main capacity URL (the service's real one: only the transport answers it);
+        the API root for a service with no capacity endpoint."""
         return self.spec.url
 
     @property
+    def base_url(self) -> str:
+        """The API root (``https://api.useapi.net/v1/<service>``)."""
+        return self.spec.api_root
+
+    @property
     def create_url(self) -> str:
-        """Where to POST a create request: ``{"<account key>": account, "duration": s}``."""
-        return self.spec.url.replace("/scheduler/available", "/jobs")
+        """Where to POST a create request: ``{"<account key>": account, "duration": s}``
+        (and ``"model"``). The service's own create path for the newer services; ``jobs``
+        for the ``scheduler/available`` family, whose real create paths vary by kind."""
+        return f"{self.spec.api_root}/{self.spec.create_path}"
 
     def transport(self) -> httpx.MockTransport:
         """An httpx transport answering every request from this simulation."""
@@ -169,16 +183,11 @@ class FakeScheduler:
 
     def _new_id(self, account: str) -> str:
         n = next(self._ids)
-        name = self.spec.name
-        if name == "ltxstudio":
-            return f"email:{account}:{uuid.UUID(int=self.rng.getrandbits(128))}-type:video"
-        if name == "kling":
-            return str(n)
-        if name == "minimax":
-            return f"user:4242-minimax:{account}-video:{n}"
-        if name == "pixverse":
-            return f"user:4242-pixverse:{account}-video:{n}"
-        return f"user:4242-{name}:{account}-job:{n}"
+        form = self.spec.job_id_format
+        # every service draws the same bits per job, shown or not: one seed gives the same
+        # durations whichever service the fake speaks
+        bits = self.rng.getrandbits(128)
+        return form.format(n=n, account=account, uuid=uuid.UUID(int=bits), name=self.spec.name)
 
     def _advance(self, now: float) -> None:
         """Start the outside jobs due by ``now``, each only if its account has room then."""
@@ -202,9 +211,17 @@ class FakeScheduler:
         outside: bool = False,
         reply_url: str | None = None,
         reply_ref: str | None = None,
+        model: str | None = None,
     ) -> FakeJob:
         job = FakeJob(
-            self._new_id(account), account, start, start + duration, outside, reply_url, reply_ref
+            self._new_id(account),
+            account,
+            start,
+            start + duration,
+            outside,
+            reply_url,
+            reply_ref,
+            model,
         )
         self.jobs[job.job_id] = job
         self._live[job.job_id] = job
@@ -236,8 +253,15 @@ class FakeScheduler:
         self.create_faults[account] = (status, error or f"account {account} unavailable")
 
     def heal_account(self, account: str) -> None:
-        """Undo :meth:`fail_account`."""
+        """Undo :meth:`fail_account` (and :meth:`fail_model` on that account)."""
         self.create_faults.pop(account, None)
+        for key in [k for k in self.model_faults if k[0] == account]:
+            del self.model_faults[key]
+
+    def fail_model(self, account: str, model: str, status: int, error: str) -> None:
+        """Make create requests for ``model`` on ``account`` answer ``status`` (a per-model
+        quota: Google Flow's ``PUBLIC_ERROR_PER_MODEL_DAILY_QUOTA_REACHED``)."""
+        self.model_faults[(account, model)] = (status, error)
 
     def inject(self, *faults: Fault) -> None:
         """Queue faults for the next polls, in order.
@@ -254,6 +278,7 @@ class FakeScheduler:
         duration: float | None = None,
         reply_url: str | None = None,
         reply_ref: str | None = None,
+        model: str | None = None,
     ) -> FakeJob:
         """Create a job directly, as the create endpoint would.
 
@@ -266,6 +291,7 @@ class FakeScheduler:
                 "duration": duration,
                 "replyUrl": reply_url,
                 "replyRef": reply_ref,
+                "model": model,
             },
             request=httpx.Request("POST", self.create_url),
         )
@@ -285,8 +311,12 @@ class FakeScheduler:
             return httpx.Response(
                 400, json={"error": f"unknown account {account!r}"}, request=request
             )
-        if account in self.create_faults:
-            status, error = self.create_faults[account]
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        fault = self.create_faults.get(account)
+        if fault is None and model is not None:
+            fault = self.model_faults.get((account, model))
+        if fault is not None:
+            status, error = fault
             self.rejected_other += 1
             return httpx.Response(status, json={"error": error, "code": status}, request=request)
         if self.steal_next > 0 and self.active(account, now) < self.max_jobs[account]:
@@ -309,9 +339,13 @@ class FakeScheduler:
             float(duration) if isinstance(duration, (int, float)) else self._duration(),
             reply_url=reply_url if isinstance(reply_url, str) else None,
             reply_ref=reply_ref if isinstance(reply_ref, str) else None,
+            model=model,
         )
+        self.models[job.job_id] = model
+        if self.spec.sync_create and body.get("mode") != "async":
+            await anyio.sleep(max(0.0, job.end - now))  # a sync create answers when done
         return httpx.Response(
-            200,
+            self.spec.create_status,
             json={
                 self.spec.job_id_keys[0]: job.wire_id,
                 self.spec.account_key: account,
@@ -320,47 +354,12 @@ class FakeScheduler:
             request=request,
         )
 
-    def snapshot_body(self, now: float | None = None) -> dict[str, Any]:
-        """The JSON ``scheduler/available`` would answer at ``now``."""
+    def snapshot_body(self, now: float | None = None, path: str | None = None) -> Any:
+        """The JSON the capacity endpoint ``path`` (the main one by default) answers at ``now``."""
         now = anyio.current_time() if now is None else now
         self._advance(now)
-        seen = now - self.lag
-        spec = self.spec
-        available = []
-        for account, max_jobs in self.max_jobs.items():
-            executing = self.active(account, seen)
-            free = max(0, max_jobs - executing)
-            if free > 0 or self.list_full_accounts:
-                available.append(
-                    {
-                        spec.account_key: account,
-                        "maxJobs": max_jobs,
-                        "executing": executing,
-                        "available": free,
-                    }
-                )
-        executing_rows = []
-        for job in list(self._live.values()):
-            if not job.active(seen):
-                continue
-            row: dict[str, Any] = {spec.job_id_keys[0]: job.wire_id}
-            if spec.executing_account_key is not None:
-                row[spec.executing_account_key] = job.account
-            started = _EPOCH + timedelta(seconds=job.start)
-            if spec.name in ("kling", "pixverse"):
-                row["started"] = int(started.timestamp() * 1000)
-            else:
-                row["started"] = started.isoformat().replace("+00:00", "Z")
-            elapsed = int(seen - job.start)
-            row["elapsed"] = f"{elapsed // 60:02d}:{elapsed % 60:02d}"
-            if spec.name == "pixverse":
-                row["type"] = "video"
-            if job.reply_url:
-                row["replyUrl"] = job.reply_url
-            if job.reply_ref:
-                row["replyRef"] = job.reply_ref
-            executing_rows.append(row)
-        return {"executing": executing_rows, "available": available}
+        body = self.spec.source.fake_get(self, self.spec.source.path if path is None else path, now)
+        return {} if body is NO_ROUTE else body
 
     # --- HTTP ----------------------------------------------------------------------------
 
@@ -373,8 +372,12 @@ class FakeScheduler:
             self.unauthorized += 1
             return httpx.Response(401, json={"error": "Unauthorized", "code": 401}, request=request)
         path = request.url.path
-        if request.method == "GET" and path.endswith("/scheduler/available"):
-            return await self._poll_response(request)
+        if request.method == "GET":
+            relative = self._relative(path)
+            now = anyio.current_time()
+            self._advance(now)
+            if self.spec.source.fake_get(self, relative, now) is not NO_ROUTE:
+                return await self._poll_response(request, relative)
         if request.method == "POST" and path == httpx.URL(self.create_url).path:
             try:
                 body = json.loads(await request.aread() or b"null")
@@ -392,10 +395,22 @@ class FakeScheduler:
             404, json={"error": f"no route {request.method} {path}"}, request=request
         )
 
-    async def _poll_response(self, request: httpx.Request) -> httpx.Response:
+    def _relative(self, path: str) -> str:
+        """``path`` relative to the API root (or by its known ending, behind a proxy)."""
+        root = httpx.URL(self.spec.api_root).path.rstrip("/")
+        if path.startswith(root + "/"):
+            return path[len(root) + 1 :]
+        main = self.spec.source.path
+        if main and path.endswith("/" + main):
+            return main
+        return path.lstrip("/")
+
+    async def _poll_response(self, request: httpx.Request, relative: str) -> httpx.Response:
         now = anyio.current_time()
-        self.polls += 1
-        self.poll_times.append(now)
+        main = self.spec.source.path
+        if relative == main or not main:  # the per-poll endpoint (or the only one) is a poll
+            self.polls += 1
+            self.poll_times.append(now)
         fault = None
         if self.faults:
             fault = self.faults[0]
@@ -416,7 +431,10 @@ class FakeScheduler:
                     headers={"content-type": "application/json", **dict(fault.headers)},
                     request=request,
                 )
-        return httpx.Response(200, json=self.snapshot_body(anyio.current_time()), request=request)
+        body = self.snapshot_body(anyio.current_time(), relative)
+        if body is None:  # documented as a 404 with an empty body (Luma, no accounts)
+            return httpx.Response(404, request=request)
+        return httpx.Response(200, json=body, request=request)
 
     # --- completion callbacks ------------------------------------------------------------
 

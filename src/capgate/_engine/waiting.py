@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import math
 import random
 import threading
-import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -55,7 +53,7 @@ from .._errors import (
 from .._log import log
 from .._models import GateStatistics, Snapshot, WaitHistogram, account_statistics
 from .._policy import poll_spacing
-from .._poll import fetch_snapshot
+from .._poll import fetch_capacity
 from .base import Lease, PollTicket, Store, Waiter
 
 __all__ = ["Engine"]
@@ -115,8 +113,6 @@ class Engine:
         self.rng = random.Random()
         self._client = client
         self._owns_client = owns_client
-        self._owner = uuid.uuid4().hex[:12]
-        self._seq = itertools.count()
         self._queues: dict[int, dict[Waiter, None]] = {}
         self._waiting = 0
         self._driver: Waiter | None = None
@@ -173,7 +169,7 @@ class Engine:
                 # shielded, so a loop of grants cannot starve other tasks
                 await anyio.lowlevel.cancel_shielded_checkpoint()
                 return lease, 0.0
-        waiter = Waiter(f"{self._owner}-{next(self._seq)}", 0, priority, allowed, now)
+        waiter = Waiter("", 0, priority, allowed, now)  # a store that needs an id names it
         self._enqueue(waiter)
         try:
             if timeout == 0:
@@ -480,12 +476,10 @@ class Engine:
         config, store, ticket = self.config, self.store, inflight.ticket
         try:
             try:
-                snapshot, skipped = await fetch_snapshot(
-                    self._client,
-                    config.url,
-                    config.token,  # a Secret: no traceback local shows the token
-                    config.service,
-                    timeout=config.poll_timeout,
+                # the service's capacity source reads what is due (config.token is a
+                # Secret: no traceback local shows it)
+                snapshot, skipped = await fetch_capacity(
+                    self._client, config, timeout=config.poll_timeout
                 )
             except CapacityGateError:
                 raise
