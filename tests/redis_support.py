@@ -192,3 +192,60 @@ def servers() -> Iterator[tuple[Path, list[Server]]]:
         finally:
             for server in started:
                 server.stop()
+
+
+def start_cluster(tmp: Path, started: list[Server], masters: int = 3) -> list[Server]:
+    """A Redis Cluster of ``masters`` nodes with the slots between them (redis-cli)."""
+    assert REDIS_CLI is not None
+    nodes = []
+    for _ in range(masters):
+        node = Server(
+            tmp,
+            options=[
+                ("cluster-enabled", "yes"),
+                ("cluster-config-file", "nodes.conf"),
+                ("cluster-node-timeout", "2000"),
+            ],
+        )
+        started.append(node.start())
+        nodes.append(node)
+    subprocess.run(  # noqa: S603 - the local redis-cli
+        [
+            REDIS_CLI,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{n.port}" for n in nodes),
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    deadline = time.monotonic() + 15
+    while not all(_cluster_ok(n) for n in nodes):
+        assert time.monotonic() < deadline, "the cluster did not come up"
+        time.sleep(0.1)
+    return nodes
+
+
+def _cluster_ok(node: Server) -> bool:
+    client = node.client(decode_responses=True)
+    try:
+        return bool(client.execute_command("CLUSTER INFO").get("cluster_state") == "ok")
+    finally:
+        client.close()
+
+
+def cluster_client(nodes: list[Server]) -> Any:
+    """A RedisCluster client as a user would build it for capgate (no retries of its own)."""
+    from redis.backoff import NoBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.retry import Retry
+
+    return RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in nodes],
+        socket_timeout=2,
+        retry=Retry(NoBackoff(), 0),
+    )

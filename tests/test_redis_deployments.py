@@ -22,7 +22,6 @@ import pytest
 import redis
 import structlog
 from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from capgate import CapacityGate
@@ -32,8 +31,10 @@ from redis_support import (
     REDIS_CLI,
     VALKEY_SERVER,
     Server,
+    cluster_client,
     needs_redis_server,
     servers,
+    start_cluster,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.loopback, needs_redis_server]
@@ -134,54 +135,7 @@ def cluster() -> Iterator[list[Server]]:
     if REDIS_CLI is None:
         pytest.skip("needs redis-cli to form a cluster")
     with servers() as (tmp, started):
-        nodes = []
-        for _ in range(3):
-            node = Server(
-                tmp,
-                options=[
-                    ("cluster-enabled", "yes"),
-                    ("cluster-config-file", "nodes.conf"),
-                    ("cluster-node-timeout", "2000"),
-                ],
-            )
-            started.append(node.start())
-            nodes.append(node)
-        subprocess.run(  # noqa: S603 - the local redis-cli
-            [
-                REDIS_CLI,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        deadline = time.monotonic() + 15
-        while not all(_cluster_ok(n) for n in nodes):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.1)
-        yield nodes
-
-
-def _cluster_ok(node: Server) -> bool:
-    client = node.client(decode_responses=True)
-    try:
-        return client.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
-    finally:
-        client.close()
-
-
-def cluster_client(nodes: list[Server]) -> RedisCluster:
-    """A RedisCluster client as a user would build it for capgate (no retries of its own)."""
-    return RedisCluster(
-        startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in nodes],
-        socket_timeout=2,
-        retry=Retry(NoBackoff(), 0),
-    )
+        yield start_cluster(tmp, started)
 
 
 async def test_fleet_runs_on_a_redis_cluster_in_one_hash_slot(cluster) -> None:

@@ -33,7 +33,16 @@ from capgate._config import check_config
 from capgate._engine.base import Lease, PollTicket, Store, Waiter
 from capgate._engine.local import MemoryStore
 from capgate._models import AccountCapacity, ExecutingJob, Snapshot
-from redis_support import REDIS_URL, delete_namespace, reachable
+from redis_support import (
+    REDIS_CLI,
+    REDIS_URL,
+    cluster_client,
+    delete_namespace,
+    needs_redis_server,
+    reachable,
+    servers,
+    start_cluster,
+)
 
 ACCOUNTS = ("a@x.io", "b@x.io", "c@x.io")
 SPACING = 5.0
@@ -45,19 +54,27 @@ def memory_store(config: Any, clock: Callable[[], float]) -> tuple[Store, Callab
     return MemoryStore(config), lambda: None
 
 
-def redis_store(url: str) -> StoreFactory:
+def redis_store(url: str, client: Any = None) -> StoreFactory:
+    """Redis stores at ``url``, or on a ready ``client`` (a RedisCluster)."""
+
     def factory(config: Any, clock: Callable[[], float]) -> tuple[Store, Callable[[], None]]:
         from capgate._engine.fleet import FleetStore
         from capgate.redis import RedisStore
 
         namespace = f"capgate-conf-{uuid.uuid4().hex[:12]}"
-        rs = RedisStore(url, namespace=namespace, lease_ttl=1e6, recovery_grace=0, idle_ttl=1e6)
+        where: dict[str, Any] = {"client": client} if client is not None else {"url": url}
+        rs = RedisStore(**where, namespace=namespace, lease_ttl=1e6, recovery_grace=0, idle_ttl=1e6)
         rs.heartbeat_ttl = 1e6  # nothing expires: the in-memory store has no leases
         store = FleetStore(config, rs, clock=clock)
 
         def cleanup() -> None:
             rs._detach()
-            delete_namespace(namespace, url)
+            if client is None:
+                delete_namespace(namespace, url)
+            else:
+                keys = list(client.scan_iter(match=f"{namespace}:*"))
+                if keys:
+                    client.delete(*keys)  # one hash slot: one DEL
 
         return store, cleanup
 
@@ -331,3 +348,16 @@ def test_memory_store_keeps_its_invariants(portal) -> None:
 def test_redis_store_grants_what_memory_grants(portal) -> None:
     """The Redis store makes exactly the in-memory store's grants, step by step."""
     _run(portal, {"memory": memory_store, "redis": redis_store(REDIS_URL)}, examples=120)
+
+
+@pytest.mark.redis
+@needs_redis_server
+@pytest.mark.skipif(REDIS_CLI is None, reason="needs redis-cli to form a cluster")
+def test_redis_cluster_store_grants_what_memory_grants(portal) -> None:
+    """On a 3-master Redis Cluster, the Redis store makes the in-memory store's grants."""
+    with servers() as (tmp, started):
+        client = cluster_client(start_cluster(tmp, started))
+        try:
+            _run(portal, {"memory": memory_store, "cluster": redis_store("", client)}, examples=60)
+        finally:
+            client.close()

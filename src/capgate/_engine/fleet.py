@@ -98,6 +98,13 @@ if TYPE_CHECKING:
 
 __all__ = ["SCRIPTS", "FleetStore", "config_mismatch", "fleet_config"]
 
+#: what counts as "the store is unreachable": redis-py's errors, and its cluster client's
+#: own (``RedisClusterUnreachableError``, ``SlotNotCoveredError`` are no ``RedisError``)
+STORE_ERRORS: tuple[type[Exception], ...] = (
+    _redis.RedisError,
+    _redis.exceptions.RedisClusterException,
+)
+
 #: the operations, one Lua file each; common.lua is prepended to every one
 OPERATIONS = (
     "sync",
@@ -365,7 +372,7 @@ class FleetStore:
         self._snapshot: Snapshot | None = None
         try:
             self._join()
-        except _redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             # checked at the first exchange instead; a gate may be built before Redis is up
             log.warning(
                 "capgate.store_unavailable",
@@ -545,7 +552,7 @@ class FleetStore:
                     known_tick=self._state.sent_tick,
                     waiters=listed,
                 )
-            except _redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_down(exc)
                 return []
             self._beat = max(self._beat, sent)
@@ -588,7 +595,7 @@ class FleetStore:
                 await anyio.to_thread.run_sync(
                     self._listen_sync, max(timeout, 0.005), gen, abandon_on_cancel=True
                 )
-            except _redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_down(exc)
                 await anyio.sleep(min(timeout, 0.25))
             finally:
@@ -622,7 +629,7 @@ class FleetStore:
                     data = message.get("data", b"")
                     if data == b"*" or mine in data.split(b","):
                         self._message = True
-            except _redis.RedisError:
+            except STORE_ERRORS:
                 with contextlib.suppress(Exception):
                     self._pubsub.close()
                 self._pubsub = None
@@ -666,7 +673,7 @@ class FleetStore:
             begin = await self._run(
                 "begin_poll", token=token, lock_ms=int(lock_s * 1000), force=force
             )
-        except _redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._store_down(exc)
             if force:
                 raise PollError(
@@ -706,7 +713,7 @@ class FleetStore:
                     watch_max=WATCH_MAX,
                     **self._dispatching,
                 )
-        except _redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._store_down(exc)
             await self.poll_aborted(ticket)
 
@@ -733,7 +740,7 @@ class FleetStore:
                     status=error.status_code or 0,
                     delay=delay,
                 )
-        except _redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             self._store_down(exc)
             self._record("unlock", token=ticket.token)
         return delay
@@ -742,7 +749,7 @@ class FleetStore:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 await self._run("unlock", token=ticket.token)
-            except _redis.RedisError:
+            except STORE_ERRORS:
                 self._record("unlock", token=ticket.token)
 
     # --- changes ----------------------------------------------------------------------------
@@ -804,7 +811,7 @@ class FleetStore:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._rs.socket_timeout + 3):
             try:
                 await anyio.to_thread.run_sync(self._drain)
-            except _redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_down(exc)
                 self._kick.set()
             else:
@@ -853,7 +860,7 @@ class FleetStore:
                     next_renew = now + every
                 failing = False
                 self._store_up()
-            except _redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 if not failing:
                     log.warning(
                         "capgate.lease_renew_failed",
@@ -924,7 +931,7 @@ class FleetStore:
                     held=held,
                     known_tick=self._state.sent_tick,
                 )
-            except _redis.RedisError as exc:
+            except STORE_ERRORS as exc:
                 self._store_down(exc)  # its waiters leave with their heartbeats
             else:
                 self._apply_state(data)
