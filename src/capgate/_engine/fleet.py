@@ -340,8 +340,8 @@ class FleetStore:
         redis_store._attach()
         self._client = redis_store.client()
         self._scripts = {op: self._client.register_script(src) for op, src in SCRIPTS.items()}
-        #: steady time of the latest call that heartbeat every waiter (a sync or a renewal)
-        self._beat = _steady()
+        #: waiter id -> steady time its heartbeat was last sent (a sync or a renewal listing it)
+        self._beaten: dict[str, float] = {}
         self._config_json = fleet_config(config)
         self._joined: str | None = None  # the epoch in which the fleet's configuration was checked
         self._lock_ids = itertools.count(1)
@@ -540,7 +540,6 @@ class FleetStore:
                     [w.wid, w.priority, sorted(allowed) if allowed is not None else False]
                 )
             self._waiter_ids = [w.wid for w in waiters]
-            beat = self._beat
             sent = _steady()
             try:
                 if self._joined is None:
@@ -555,21 +554,25 @@ class FleetStore:
             except STORE_ERRORS as exc:
                 self._store_down(exc)
                 return []
-            self._beat = max(self._beat, sent)
+            beaten = self._beaten
+            # a grant lives until its waiter's heartbeat ends: at least a heartbeat from the
+            # latest one sent for it (this call's, for a waiter it enqueued)
+            starts = {w.wid: beaten.get(w.wid, sent) for w in waiters}
+            self._beaten = {w.wid: sent for w in waiters}
             if data.get("epoch") != self._joined:
                 self._joined = None  # Redis lost its data: store our configuration again
             self._apply_state(data)
             now = anyio.current_time()
             grants: list[tuple[Waiter, Lease]] = []
             by_id = {w.wid: w for w in waiters}
-            # a grant lives until its waiter's heartbeat ends: at least the previous beat's
-            # length from that beat (or from this call, for a waiter it enqueued)
-            confirmed = min(beat, sent) + self._rs.heartbeat_ttl - self._rs.renew_interval
+            length = self._rs.heartbeat_ttl - self._rs.renew_interval
             for wid, grant in _mapping(data.get("granted")).items():
                 waiter = by_id.get(wid)
                 if waiter is None or not waiter.open:
                     continue  # it left, or is leaving: its abandon gives the lease back
-                lease = _FleetLease(str(grant[1]), now, (str(grant[0]), wid), confirmed)
+                lease = _FleetLease(
+                    str(grant[1]), now, (str(grant[0]), wid), starts.get(wid, sent) + length
+                )
                 with self._held_lock:
                     self._held[str(grant[0])] = lease
                 grants.append((waiter, lease))
@@ -893,7 +896,10 @@ class FleetStore:
                 held=held,
                 waiters=wids,
             )
-        self._beat = max(self._beat, sent)
+        beaten = self._beaten
+        for wid in wids:
+            if wid in beaten:
+                beaten[wid] = max(beaten[wid], sent)
         lost_ids = set(reply.get("lost") or ())
         until = sent + self._rs.lease_ttl - self._rs.renew_interval
         with self._held_lock:
