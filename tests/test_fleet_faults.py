@@ -412,3 +412,18 @@ async def test_a_member_built_while_redis_was_down_fails_at_first_use(make_gate)
         with pytest.raises(ValueError, match=r"max_jobs=1 here, 2 in the fleet$"):
             async with late.slot(timeout=5):
                 pass
+
+
+async def test_first_slot_of_a_gate_idle_since_construction_is_not_lost(make_gate) -> None:
+    """A gate built well over a heartbeat before its first wait grants a slot not lost.
+
+    Regression: a grant's local deadline counted from the gate's latest heartbeat of any
+    waiter (its construction, here), so the first slot reported lost and submit() gave it back.
+    """
+    fake = FakeScheduler({"a@x.io": 1}, job_duration=0.2)
+    with serve(fake) as url:
+        idle = make_gate(url, lease_ttl=1.0, poll_interval=5.0)  # heartbeat 1 s
+        await anyio.sleep(1.5)
+        await make_gate(url, lease_ttl=1.0, poll_interval=5.0).refresh()  # a fresh snapshot
+        async with idle.slot(timeout=5) as slot:  # granted in its very first exchange
+            assert not slot.lost
