@@ -41,10 +41,13 @@ class Slot:
     take effect on the gate's event loop.
     """
 
-    __slots__ = ("_engine", "_job_id", "_lease", "_state", "_waited")
+    __slots__ = ("_engine", "_job_id", "_lease", "_model", "_state", "_waited")
 
-    def __init__(self, engine: Engine, lease: Lease, waited: float) -> None:
+    def __init__(
+        self, engine: Engine, lease: Lease, waited: float, model: str | None = None
+    ) -> None:
         self._engine = engine
+        self._model = model
         self._lease = lease
         self._waited = waited
         self._state = "held"  # -> "submitted" | "released" | "given back"
@@ -116,9 +119,12 @@ class Slot:
         """
         self._check_held("mark_busy()")
         self._state = "given back"
+        _expire_rare(self._engine)
         self._engine.on_loop(self._engine.mark_busy, self._lease)
 
-    def quarantine(self, seconds: float | None = None, reason: str = "") -> None:
+    def quarantine(
+        self, seconds: float | None = None, reason: str = "", *, model: str | None = None
+    ) -> None:
         """Take this slot's account out of rotation (a 596, 412 or 402 answer).
 
         If the job was not marked submitted the create failed, so the slot is given back.
@@ -126,16 +132,21 @@ class Slot:
         Args:
             seconds: How long; the gate's ``quarantine_for`` when ``None``.
             reason: Shown in statistics, the repr, logs and :class:`AccountQuarantined`.
+            model: Only for this model (a per-model quota): waiters for other models may
+                still use the account.
         """
         engine = self._engine
         length = _quarantine_length(engine, seconds, reason)
+        if model is not None:
+            model = account_name(model, "model")
+        _expire_rare(engine)
         give_back = self._state == "held"
         if give_back:
             self._state = "given back"
 
         def both() -> None:
             # quarantine first: giving the slot back dispatches, and must not re-grant it
-            engine.quarantine(self.account, length, reason)
+            engine.quarantine(self.account, length, reason, model)
             if give_back:
                 engine.give_back(self._lease, "quarantined")
 
@@ -162,6 +173,13 @@ class Slot:
 Slot.__module__ = "capgate"
 
 
+def _expire_rare(engine: Engine) -> None:
+    """A 429 or a 596: the rarely read endpoints (caps, accounts) are read at the next poll."""
+    reading = engine.config.reading
+    if reading is not None:
+        reading.cache.expire()
+
+
 def _quarantine_length(engine: Engine, seconds: float | None, reason: object) -> float:
     if not isinstance(reason, str):
         raise TypeError(f"reason must be a str, not {type(reason).__name__}")
@@ -173,7 +191,7 @@ def _quarantine_length(engine: Engine, seconds: float | None, reason: object) ->
 class _SlotContext:
     """What ``gate.slot(...)`` returns: ``async with`` it to hold a :class:`Slot`."""
 
-    __slots__ = ("_allowed", "_entering", "_gate", "_priority", "_slot", "_timeout")
+    __slots__ = ("_allowed", "_entering", "_gate", "_model", "_priority", "_slot", "_timeout")
 
     def __init__(
         self,
@@ -181,8 +199,10 @@ class _SlotContext:
         allowed: frozenset[str] | None,
         timeout: float | None,
         priority: int,
+        model: str | None = None,
     ) -> None:
         self._gate = gate
+        self._model = model
         self._allowed = allowed
         self._timeout = timeout
         self._priority = priority
@@ -197,10 +217,12 @@ class _SlotContext:
         self._entering = True
         engine = self._gate._engine
         try:  # the engine awaited directly: one coroutine frame less for every waiter
-            lease, waited = await engine.acquire(self._allowed, self._timeout, self._priority)
+            lease, waited = await engine.acquire(
+                self._allowed, self._timeout, self._priority, self._model
+            )
         finally:
             self._entering = False
-        self._slot = Slot(engine, lease, waited)
+        self._slot = Slot(engine, lease, waited, self._model)
         return self._slot
 
     async def __aexit__(
@@ -342,6 +364,7 @@ class CapacityGate:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        model: str | None = None,
     ) -> _SlotContext:
         """Wait for a slot and hold it for the ``async with`` block.
 
@@ -350,6 +373,8 @@ class CapacityGate:
             timeout: Seconds to wait at most; ``None`` waits as long as it takes; ``0``
                 takes a slot only if one is free at once, without polling.
             priority: Higher goes first; equal priorities are served in arrival order.
+            model: The model the job will use: an account quarantined for this model only
+                is not granted (one quarantined for another model still is).
 
         Returns:
             An async context manager yielding a :class:`Slot`.
@@ -377,7 +402,9 @@ class CapacityGate:
             timeout = number("timeout", timeout, minimum=0, inclusive=True)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        return _SlotContext(self, allowed, timeout, priority)
+        if model is not None:
+            model = account_name(model, "model")
+        return _SlotContext(self, allowed, timeout, priority, model)
 
     async def __aenter__(self) -> str:
         task = anyio.get_current_task().id
@@ -408,6 +435,7 @@ class CapacityGate:
         account: str | Collection[str] | None = None,
         timeout: float | None = None,
         max_attempts: int = 6,
+        model: str | None = None,
     ) -> httpx.Response:
         """Submit a job through the gate, retrying on busy and broken accounts.
 
@@ -420,6 +448,9 @@ class CapacityGate:
         - 596, 412, 402: the account is quarantined for ``quarantine_for`` seconds; try
           again on another account.
         - 401: :class:`AuthenticationError`. Anything else is returned untouched.
+        - A 429 whose body carries one of the service's quarantine reasons (Google Flow's
+          ``PUBLIC_ERROR_…``) takes the account, or for a per-model reason only ``model``
+          on it, out of rotation for that reason's cooldown (``cooldowns=``).
 
         In fleet mode a slot the fleet took back while this process was paused (``lost``)
         is not used: the attempt waits for another slot instead of creating.
@@ -429,6 +460,7 @@ class CapacityGate:
             account: One account, a collection of allowed accounts, or ``None`` for any.
             timeout: Seconds in all to wait for slots (the create calls are not timed).
             max_attempts: Create calls at most.
+            model: The model the job uses (for model-scoped quarantines).
 
         Returns:
             The response that ended the attempts.
@@ -441,7 +473,7 @@ class CapacityGate:
             TypeError: ``create`` returned something other than an ``httpx.Response``.
         """
         return await submit(
-            self, create, account=account, timeout=timeout, max_attempts=max_attempts
+            self, create, account=account, timeout=timeout, max_attempts=max_attempts, model=model
         )
 
     # --- telling the gate what happened -----------------------------------------------------
@@ -470,15 +502,25 @@ class CapacityGate:
         """
         self._engine.on_loop(self._engine.invalidate)
 
-    def quarantine(self, account: str, seconds: float | None = None, reason: str = "") -> None:
+    def quarantine(
+        self,
+        account: str,
+        seconds: float | None = None,
+        reason: str = "",
+        model: str | None = None,
+    ) -> None:
         """Take ``account`` out of rotation for ``seconds`` (``quarantine_for`` by default).
 
-        Waiters that may use only quarantined accounts get :class:`AccountQuarantined` at once.
-        Safe from any thread.
+        With ``model``, only for waiters for that model (``slot(model=…)``); others may
+        still use the account. In fleet mode a model's quarantine takes the whole account
+        out for now. Waiters that may use only quarantined accounts get
+        :class:`AccountQuarantined` at once. Safe from any thread.
         """
         account = account_name(account, "account")
         length = _quarantine_length(self._engine, seconds, reason)
-        self._engine.on_loop(self._engine.quarantine, account, length, reason)
+        if model is not None:
+            model = account_name(model, "model")
+        self._engine.on_loop(self._engine.quarantine, account, length, reason, model)
 
     def restore(self, account: str) -> None:
         """Put a quarantined ``account`` back into rotation now. Safe from any thread."""

@@ -6,6 +6,7 @@ The status policy itself (which answers are busy, broken, refused) is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,9 @@ from ._policy import classify_create
 
 if TYPE_CHECKING:
     from ._gate import CapacityGate
+    from ._services import Cooldown
 
-__all__ = ["error_excerpt", "submit"]
+__all__ = ["cooldown_for", "error_excerpt", "submit"]
 
 
 async def _json(response: httpx.Response) -> Any:
@@ -39,6 +41,29 @@ def error_excerpt(body: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _until_utc_midnight() -> float:
+    import time  # wall-clock only to place an absolute instant (a daily quota's reset)
+
+    return 86400.0 - time.time() % 86400.0
+
+
+def cooldown_for(cooldowns: tuple[Cooldown, ...], body: Any) -> tuple[Cooldown, float] | None:
+    """The cooldown a 429's body names (its reason anywhere in the body), with its seconds.
+
+    The reasons' field in Google Flow's body is not documented, so the whole body is read.
+    """
+    if not cooldowns or body is None:
+        return None
+    text = body if isinstance(body, str) else json.dumps(body, default=str)
+    for cooldown in cooldowns:
+        if cooldown.reason in text:
+            seconds = cooldown.seconds
+            if isinstance(seconds, str):  # UTC_MIDNIGHT, the only text config allows
+                return cooldown, _until_utc_midnight()
+            return cooldown, float(seconds)
+    return None
+
+
 async def submit(
     gate: CapacityGate,
     create: Callable[[str], Awaitable[httpx.Response]],
@@ -46,6 +71,7 @@ async def submit(
     account: str | Collection[str] | None,
     timeout: float | None,
     max_attempts: int,
+    model: str | None = None,
 ) -> httpx.Response:
     """The body of :meth:`CapacityGate.submit` (documented there)."""
     if not callable(create):
@@ -58,13 +84,14 @@ async def submit(
         timeout = number("timeout", timeout, minimum=0, inclusive=True)
     service = gate.service
     job_id_from = gate._engine.config.service.job_id_from
+    cooldowns = gate._engine.config.cooldowns
     deadline = None if timeout is None else anyio.current_time() + timeout
     last: httpx.Response | None = None
     last_account: str | None = None
     attempt = 0
     while attempt < max_attempts:
         left = None if deadline is None else max(0.0, deadline - anyio.current_time())
-        async with gate.slot(account, timeout=left) as slot:
+        async with gate.slot(account, timeout=left, model=model) as slot:
             if slot.lost:
                 # the fleet took this slot back while we were paused: creating now could
                 # oversubscribe the account; wait for another slot (not an attempt)
@@ -83,6 +110,14 @@ async def submit(
             if outcome == "created":
                 slot.mark_submitted(job_id_from(await _json(response)))
                 return response
+            if outcome == "busy" and status == 429 and cooldowns:
+                found = cooldown_for(cooldowns, await _json(response))
+                if found is not None:
+                    cooldown, seconds = found
+                    # a per-model reason for a job of no known model: the whole account
+                    scoped = model if cooldown.scope == "model" else None
+                    slot.quarantine(seconds, reason=cooldown.reason, model=scoped)
+                    continue
             if outcome == "busy":
                 log.info(
                     "capgate.submit_busy",

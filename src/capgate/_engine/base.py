@@ -81,7 +81,17 @@ class Waiter(Wakeup):
         arrived: ``anyio.current_time()`` when it arrived.
     """
 
-    __slots__ = ("allowed", "arrived", "error", "lease", "left", "priority", "seq", "wid")
+    __slots__ = (
+        "allowed",
+        "arrived",
+        "error",
+        "lease",
+        "left",
+        "model",
+        "priority",
+        "seq",
+        "wid",
+    )
 
     def __init__(
         self, wid: str, seq: int, priority: int, allowed: frozenset[str] | None, arrived: float
@@ -95,6 +105,7 @@ class Waiter(Wakeup):
         self.lease: Lease | None = None
         self.error: BaseException | None = None
         self.left = False  # gave up: a grant that comes now must go back
+        self.model: str | None = None  # an account quarantined for this model is not for it
 
     @property
     def open(self) -> bool:
@@ -167,8 +178,9 @@ class Store(Protocol):
     def snapshot(self) -> Snapshot | None:
         """The latest snapshot, if any."""
 
-    def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
-        """Accounts out of rotation now: account -> (seconds left, reason). Cheap."""
+    def quarantined(self, now: float, model: str | None = None) -> dict[str, tuple[float, str]]:
+        """Accounts out of rotation now: account -> (seconds left, reason). Cheap. With
+        ``model``, also those out for that model only."""
 
     def auth_failure(self, now: float) -> tuple[AuthenticationError, float, object] | None:
         """The latest refused token: the error, seconds since, and a key that tells
@@ -228,8 +240,11 @@ class Store(Protocol):
     def mark_busy(self, lease: Lease) -> bool:
         """The account answered 429: give the slot back, no grants there until a newer poll."""
 
-    def quarantine(self, account: str, seconds: float, reason: str) -> None:
-        """Take ``account`` out of rotation for ``seconds``."""
+    def quarantine(
+        self, account: str, seconds: float, reason: str, model: str | None = None
+    ) -> None:
+        """Take ``account`` out of rotation for ``seconds`` (for ``model`` only, if given;
+        a store may take the whole account out instead, which never oversubscribes)."""
 
     def restore(self, account: str) -> bool:
         """Put ``account`` back into rotation."""

@@ -485,7 +485,8 @@ class FleetStore:
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
-    def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
+    def quarantined(self, now: float, model: str | None = None) -> dict[str, tuple[float, str]]:
+        # a model's quarantine is the whole account's in a fleet (see quarantine())
         spent = self._state.since(now)
         return {a: (left - spent, r) for a, (left, r) in self._state.quar.items() if left > spent}
 
@@ -794,7 +795,13 @@ class FleetStore:
         )
         return False
 
-    def quarantine(self, account: str, seconds: float, reason: str) -> None:
+    def quarantine(
+        self, account: str, seconds: float, reason: str, model: str | None = None
+    ) -> None:
+        # the fleet's scripts know no model yet: a model's quarantine takes the whole
+        # account out, which costs slots but never oversubscribes
+        if model is not None:
+            reason = f"{reason} (model {model})" if reason else f"model {model}"
         self._record("quarantine", account=account, seconds=seconds, reason=reason)
         # in force here at once; the next exchange brings the fleet's view
         spent = self._state.since(anyio.current_time())

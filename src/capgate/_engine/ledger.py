@@ -107,6 +107,8 @@ class Ledger:
         self._snapshot_tick = 0
         self._busy: dict[str, int] = {}  # account -> tick of the 429
         self._quarantine: dict[str, tuple[float | None, str]] = {}  # account -> (until, reason)
+        # (account, model) -> (until, reason): out of rotation for that model only
+        self._model_quarantine: dict[tuple[str, str], tuple[float | None, str]] = {}
         self._lag = 0.0
         self._lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)
         self._watch: dict[str, float] = {}  # dropped job id -> when it was settled
@@ -297,8 +299,30 @@ class Ledger:
         return bool(self._quarantine)
 
     def restore(self, account: str) -> bool:
-        """Put ``account`` back into rotation; True if it was out."""
-        return self._quarantine.pop(account, None) is not None
+        """Put ``account`` back into rotation, for every model too; True if it was out."""
+        models = [key for key in self._model_quarantine if key[0] == account]
+        for key in models:
+            del self._model_quarantine[key]
+        return self._quarantine.pop(account, None) is not None or bool(models)
+
+    def quarantine_model(self, account: str, model: str, until: float | None, reason: str) -> None:
+        """Take ``account`` out of rotation for ``model`` only, until ``until``."""
+        self._model_quarantine[(account, model)] = (until, reason)
+
+    def model_quarantine_items(
+        self, model: str, now: float | None = None
+    ) -> dict[str, tuple[float | None, str]]:
+        """Accounts out of rotation for ``model`` now (expired entries are dropped)."""
+        if not self._model_quarantine:
+            return {}
+        now = self._clock() if now is None else now
+        out = {}
+        for (account, which), (until, reason) in list(self._model_quarantine.items()):
+            if until is not None and now >= until:
+                del self._model_quarantine[(account, which)]
+            elif which == model:
+                out[account] = (until, reason)
+        return out
 
     def quarantined(
         self, account: str, *, now: float | None = None
@@ -322,7 +346,8 @@ class Ledger:
 
     def next_quarantine_expiry(self) -> float | None:
         """The earliest instant a quarantine runs out, if any does."""
-        times = [until for until, _ in self._quarantine.values() if until is not None]
+        entries = (*self._quarantine.values(), *self._model_quarantine.values())
+        times = [until for until, _ in entries if until is not None]
         return min(times) if times else None
 
     def all_quarantined(self, accounts: Iterable[str], now: float | None = None) -> bool:

@@ -75,7 +75,11 @@ class MemoryStore:
     def snapshot(self) -> Snapshot | None:
         return self._ledger.snapshot
 
-    def quarantined(self, now: float) -> dict[str, tuple[float, str]]:
+    def quarantined(self, now: float, model: str | None = None) -> dict[str, tuple[float, str]]:
+        out: dict[str, tuple[float, str]] = {}
+        if model is not None:  # out for this model only, unless the whole account is out
+            for a, (until, reason) in self._ledger.model_quarantine_items(model, now).items():
+                out[a] = (math.inf if until is None else until - now, reason)
         if not self._ledger.any_quarantined:
             return {}  # the hot path: nothing is out
         return {
@@ -111,9 +115,16 @@ class MemoryStore:
             self._config.strategy, free, order, last=self._rr_last, describe=self._candidate
         )
 
-    def _pick(self, picker: Picker, allowed: frozenset[str] | None) -> str | None:
+    def _pick(
+        self, picker: Picker, allowed: frozenset[str] | None, model: str | None = None
+    ) -> str | None:
         """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""
         try:
+        if model is not None:
+            blocked = self._ledger.model_quarantine_items(model)
+            if blocked:
+                base = allowed if allowed is not None else frozenset(picker.free)
+                allowed = frozenset(a for a in base if a not in blocked)
             account = picker.pick(allowed)
         except Exception as exc:
             log.exception(
@@ -154,7 +165,7 @@ class MemoryStore:
         # not the length of the queue
         grants: list[tuple[Waiter, Lease]] = []
         for waiter in queue:
-            account = self._pick(picker, waiter.allowed)
+            account = self._pick(picker, waiter.allowed, waiter.model)
             if account is not None:
                 grants.append((waiter, self._lease(account, now)))
                 if not picker:
@@ -250,8 +261,14 @@ class MemoryStore:
         self._ledger.mark_busy(lease.account)
         return True
 
-    def quarantine(self, account: str, seconds: float, reason: str) -> None:
-        self._ledger.quarantine(account, anyio.current_time() + seconds, reason)
+    def quarantine(
+        self, account: str, seconds: float, reason: str, model: str | None = None
+    ) -> None:
+        until = anyio.current_time() + seconds
+        if model is None:
+            self._ledger.quarantine(account, until, reason)
+        else:
+            self._ledger.quarantine_model(account, model, until, reason)
 
     def restore(self, account: str) -> bool:
         return self._ledger.restore(account)

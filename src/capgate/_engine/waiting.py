@@ -150,16 +150,21 @@ class Engine:
             raise GateClosed(f"{self.service}: the gate is closed")
 
     async def acquire(
-        self, allowed: frozenset[str] | None, timeout: float | None, priority: int
+        self,
+        allowed: frozenset[str] | None,
+        timeout: float | None,
+        priority: int,
+        model: str | None = None,
     ) -> tuple[Lease, float]:
-        """Wait for a slot; returns the lease and the seconds waited."""
+        """Wait for a slot (not on an account out for ``model``); returns the lease and
+        the seconds waited."""
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled task gets no slot
         self._bind_loop()
         self.check_open()
         store = self.store
         now = anyio.current_time()
-        self._refuse_early(allowed, now)
-        if not self._waiting:
+        self._refuse_early(allowed, now, model)
+        if not self._waiting and model is None:  # a model's waiter takes the queue's pass
             # nobody queued ahead: a fresh snapshot with room grants at once (the hot path)
             lease = store.grant_nowait(allowed, now)
             if lease is not None:
@@ -208,7 +213,13 @@ class Engine:
         self.waits.observe(waited)
         return waiter.lease, waited
 
-    def _refuse_early(self, allowed: frozenset[str] | None, now: float) -> None:
+    def _out(self, now: float, model: str | None) -> dict[str, tuple[float, str]]:
+        """Accounts out of rotation now, for a waiter for ``model``."""
+        if model is None:
+            return self.store.quarantined(now)
+        return self.store.quarantined(now, model)
+
+    def _refuse_early(self, allowed: frozenset[str] | None, now: float, model: str | None) -> None:
         """Fail at once when every allowed account is out, or the token was just refused."""
         store = self.store
         out = store.quarantined(now)
@@ -239,6 +250,7 @@ class Engine:
                 else:
                     wait = min(wait, ticket)  # another process polls: its answer wakes us
             else:
+        waiter.model = model
                 wait = min(wait, due)
         if waiter.lease is None and waiter.error is None:
             await store.wait(waiter, max(wait, 0.0))
@@ -268,10 +280,11 @@ class Engine:
             for waiter in list(self._iter_waiters()):
                 if waiter.arrived <= failed_at:
                     self._fail(waiter, copy.copy(auth[0]))
-        out = store.quarantined(now)
-        if out:
-            for waiter in list(self._iter_waiters()):
-                error = self._quarantine_error(waiter.allowed, out)
+        out = self._out(now, model)
+        for waiter in list(self._iter_waiters()):
+            mine = out if waiter.model is None else self._out(now, waiter.model)
+            if mine:
+                error = self._quarantine_error(waiter.allowed, mine)
                 if error is not None:
                     self._fail(waiter, error)
 
@@ -407,8 +420,13 @@ class Engine:
         if self.store.mark_busy(lease):
             self._dispatch()
 
-    def quarantine(self, account: str, seconds: float, reason: str) -> None:
-        self.store.quarantine(account, seconds, reason)
+    def quarantine(
+        self, account: str, seconds: float, reason: str, model: str | None = None
+    ) -> None:
+        if model is None:
+            self.store.quarantine(account, seconds, reason)
+        else:
+            self.store.quarantine(account, seconds, reason, model)
         self._known.add(account)
         log.warning(
             "capgate.quarantine",
@@ -417,9 +435,11 @@ class Engine:
             seconds=seconds,
             reason=reason,
         )
-        out = self.store.quarantined(anyio.current_time())
+        now = anyio.current_time()
+        out = self.store.quarantined(now)
         for waiter in list(self._iter_waiters()):
-            error = self._quarantine_error(waiter.allowed, out)
+            mine = out if waiter.model is None else self._out(now, waiter.model)
+            error = self._quarantine_error(waiter.allowed, mine)
             if error is not None:
                 self._fail(waiter, error)
         self._wake_driver()
@@ -486,6 +506,7 @@ class Engine:
             except Exception as exc:  # e.g. a custom transport's own bug: still a failed poll
                 raise PollError(  # str(exc) left out: it could echo what was sent
                     f"{self.service}: unexpected {type(exc).__name__} while polling"
+            model=model,
                 ) from exc
         except AuthenticationError as exc:
             inflight.error = exc
