@@ -81,11 +81,12 @@ class MemoryStore:
             for a, (until, reason) in self._ledger.model_quarantine_items(model, now).items():
                 out[a] = (math.inf if until is None else until - now, reason)
         if not self._ledger.any_quarantined:
-            return {}  # the hot path: nothing is out
-        return {
-            a: (math.inf if until is None else until - now, reason)
+            return out  # the hot path: nothing is out
+        out.update(
+            (a, (math.inf if until is None else until - now, reason))
             for a, (until, reason) in self._ledger.quarantine_items(now).items()
-        }
+        )
+        return out
 
     def auth_failure(self, now: float) -> tuple[AuthenticationError, float, object] | None:
         if self._auth_failure is None:
@@ -119,12 +120,12 @@ class MemoryStore:
         self, picker: Picker, allowed: frozenset[str] | None, model: str | None = None
     ) -> str | None:
         """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""
-        try:
         if model is not None:
             blocked = self._ledger.model_quarantine_items(model)
             if blocked:
                 base = allowed if allowed is not None else frozenset(picker.free)
                 allowed = frozenset(a for a in base if a not in blocked)
+        try:
             account = picker.pick(allowed)
         except Exception as exc:
             log.exception(
