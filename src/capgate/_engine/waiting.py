@@ -175,6 +175,7 @@ class Engine:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
                 return lease, 0.0
         waiter = Waiter("", 0, priority, allowed, now)  # a store that needs an id names it
+        waiter.model = model
         self._enqueue(waiter)
         try:
             if timeout == 0:
@@ -222,7 +223,7 @@ class Engine:
     def _refuse_early(self, allowed: frozenset[str] | None, now: float, model: str | None) -> None:
         """Fail at once when every allowed account is out, or the token was just refused."""
         store = self.store
-        out = store.quarantined(now)
+        out = self._out(now, model)
         if out:
             error = self._quarantine_error(allowed, out)
             if error is not None:
@@ -250,7 +251,6 @@ class Engine:
                 else:
                     wait = min(wait, ticket)  # another process polls: its answer wakes us
             else:
-        waiter.model = model
                 wait = min(wait, due)
         if waiter.lease is None and waiter.error is None:
             await store.wait(waiter, max(wait, 0.0))
@@ -280,7 +280,7 @@ class Engine:
             for waiter in list(self._iter_waiters()):
                 if waiter.arrived <= failed_at:
                     self._fail(waiter, copy.copy(auth[0]))
-        out = self._out(now, model)
+        out = store.quarantined(now)
         for waiter in list(self._iter_waiters()):
             mine = out if waiter.model is None else self._out(now, waiter.model)
             if mine:
@@ -434,6 +434,7 @@ class Engine:
             account=account,
             seconds=seconds,
             reason=reason,
+            model=model,
         )
         now = anyio.current_time()
         out = self.store.quarantined(now)
@@ -506,7 +507,6 @@ class Engine:
             except Exception as exc:  # e.g. a custom transport's own bug: still a failed poll
                 raise PollError(  # str(exc) left out: it could echo what was sent
                     f"{self.service}: unexpected {type(exc).__name__} while polling"
-            model=model,
                 ) from exc
         except AuthenticationError as exc:
             inflight.error = exc
