@@ -110,3 +110,77 @@ async def test_statistics_from_a_plain_thread_sees_free_slots(make_gate):
         await anyio.to_thread.run_sync(in_thread(0.0, lambda: seen.append(gate.statistics())).join)
     assert seen[0].free == 2
     assert seen[0].held == 1
+
+
+def test_a_gate_used_in_a_second_event_loop_takes_calls_from_threads_there(monkeypatch):
+    """A gate used in two anyio.run()s in turn: a thread's mark_submitted reaches the second.
+
+    Regression: the gate remembered only its first loop, so in the second run a thread's
+    mark_submitted() went to the closed first loop and was dropped: the slot said
+    submitted, was never settled, and counted against its account for ever.
+    """
+    import httpx
+
+    from capgate import CapacityGate
+    from capgate.testing import FakeScheduler
+
+    fake = FakeScheduler({A: 2}, service="kling")
+    gate = CapacityGate(
+        fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
+    )
+
+    async def one_run(job: str) -> int:
+        async with gate.slot() as slot:
+            await anyio.to_thread.run_sync(in_thread(0.0, lambda: slot.mark_submitted(job)).join)
+        return gate.statistics().held
+
+    assert anyio.run(one_run, "job-1") == 0
+    assert anyio.run(one_run, "job-2") == 0
+
+
+def test_a_call_from_a_thread_returns_when_the_loop_has_stopped(monkeypatch):
+    """A loop that stopped without closing never runs the call: the thread gives up, bounded."""
+    import asyncio
+
+    import httpx
+
+    from capgate import CapacityGate
+    from capgate._engine import waiting
+    from capgate.testing import FakeScheduler
+
+    monkeypatch.setattr(waiting, "ON_LOOP_TIMEOUT", 0.2)
+    fake = FakeScheduler({A: 1}, service="kling")
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def build() -> CapacityGate:
+            gate = CapacityGate(
+                fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
+            )
+            await gate.refresh()
+            return gate
+
+        gate = loop.run_until_complete(build())  # the loop is stopped now, not closed
+        started = time.monotonic()
+        in_thread(0.0, gate.invalidate).join(timeout=5)
+        assert time.monotonic() - started < 2.0
+    finally:
+        loop.close()
+
+
+async def test_quarantine_from_a_thread_before_the_gate_was_used(make_gate):
+    """A gate built in async code takes quarantine() from a thread before its first wait."""
+    gate, _ = make_gate({A: 1})
+    errors: list[BaseException] = []
+
+    def quarantine() -> None:
+        try:
+            gate.quarantine(A, seconds=60, reason="HTTP 596")
+        except BaseException as exc:  # noqa: BLE001 - the test asserts on it
+            errors.append(exc)
+
+    await anyio.to_thread.run_sync(in_thread(0.0, quarantine).join)
+    assert errors == []
+    with pytest.raises(AccountQuarantined):
+        async with gate.slot(account=A):
+            pytest.fail("granted on a quarantined account")

@@ -7,6 +7,7 @@ On trio's virtual clock with the in-memory fake: every request takes ``SLOW`` se
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from capgate import AccountQuarantined, GateClosed, SlotTimeout
@@ -134,3 +135,51 @@ async def test_timeout_zero_takes_a_free_slot(make_gate):
     async with gate.slot(), gate.slot(timeout=0) as second:
         assert second.account == A
     assert fake.polls == 1
+
+
+async def test_aclose_before_the_poll_task_ran_cancels_it_at_once(make_gate):
+    """aclose() right after a driver started its poll task, before the task ran: no wait.
+
+    Regression: the poll's cancel scope was made by the task itself, so aclose() found
+    none to cancel and waited out its 5 s bound while the request went on.
+    """
+    gate, _ = make_gate({A: 1}, latency=SLOW, poll_interval=5.0)
+    failed: list[float] = []
+
+    async def waiter() -> None:
+        with pytest.raises(GateClosed):
+            async with gate.slot():
+                pytest.fail("granted after aclose")
+        failed.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.lowlevel.checkpoint()  # the waiter runs one step: it starts the poll task
+        await anyio.lowlevel.checkpoint()
+        await gate.aclose()
+        closed_at = anyio.current_time()
+    assert closed_at == 0.0
+    assert failed == [0.0]
+
+
+async def test_a_cancelled_refresh_leaves_its_poll_to_the_waiters(make_gate):
+    """refresh() under a short deadline: its poll still lands and serves the waiter.
+
+    Regression: refresh() made the request in the caller's own task, so cancelling the
+    caller aborted the poll a waiter was counting on, and that waiter waited a whole
+    poll_interval more (granted at 11 s instead of 6 s here).
+    """
+    gate, fake = make_gate({A: 1}, latency=2.0, poll_interval=5.0, jitter=0)
+    fake.add_outside_job(A, duration=3.0)  # A is full until t=3
+    got: list[float] = []
+
+    async def waiter() -> None:
+        async with gate.slot():
+            got.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)  # polls at 0 (answer at 2: full); next poll due at 5
+        await anyio.sleep(4.0)
+        with anyio.move_on_after(1.0):  # a caller with a short deadline
+            await gate.refresh()  # sent at 4, answered at 6
+    assert got == [6.0]
