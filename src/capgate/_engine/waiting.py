@@ -28,6 +28,8 @@ How a caller gets a slot, in one place:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import math
@@ -72,6 +74,46 @@ def now_or_none() -> float | None:
         return None
 
 
+def _need_clock() -> None:
+    if now_or_none() is None:
+        raise RuntimeError(
+            "the gate has no event loop yet: call this from async code, "
+            "or once the gate has been used"
+        )
+
+
+#: seconds a call from another thread waits for the gate's loop to run it
+ON_LOOP_TIMEOUT = 5.0
+
+
+def _loop_marker() -> object:
+    """A cheap identity of the running event loop (the asyncio loop, or trio's token)."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return loop
+    import trio
+
+    return trio.lowlevel.current_trio_token()
+
+
+def _spawn_from_thread(
+    token: anyio.lowlevel.EventLoopToken,
+    fn: Callable[[], Coroutine[Any, Any, None]],
+    tasks: set[Any],
+) -> None:
+    """Start ``fn()`` as a task on the loop of ``token``, from another thread, not waiting.
+
+    Raises:
+        RuntimeError: That loop is closed.
+    """
+    native = token.native_token
+    if isinstance(native, asyncio.AbstractEventLoop):
+        native.call_soon_threadsafe(lambda: _spawn(fn, tasks))
+    else:  # trio's token (RunFinishedError is a RuntimeError)
+        run_sync_soon: Callable[[Callable[[], None]], None] = getattr(native, "run_sync_soon")  # noqa: B009
+        run_sync_soon(lambda: _spawn(fn, tasks))
+
+
 def _spawn(fn: Callable[[], Coroutine[Any, Any, None]], tasks: set[Any]) -> None:
     """Start ``fn()`` in a task that outlives the caller (the poll's; see the docstring)."""
     try:
@@ -96,7 +138,8 @@ class _Inflight:
     def __init__(self, ticket: PollTicket) -> None:
         self.ticket = ticket
         self.done = anyio.Event()
-        self.scope: anyio.CancelScope | None = None
+        # made now, entered by the poll's task: aclose() may cancel it before the task runs
+        self.scope = anyio.CancelScope()
         self.snapshot: Snapshot | None = None
         self.error: CapacityGateError | None = None
 
@@ -121,7 +164,9 @@ class Engine:
         self._known: set[str] = set()
         self._caps_seen: dict[str, int] = {}
         self._auth_seen: object = None
-        self._loop: tuple[anyio.lowlevel.EventLoopToken, int] | None = None
+        self._loop: tuple[anyio.lowlevel.EventLoopToken, int, object] | None = None
+        if now_or_none() is not None:  # built inside async code: that is its loop
+            self._bind_loop()
         self.closed = False
         self.grants = 0
         self.timeouts = 0
@@ -130,17 +175,41 @@ class Engine:
     # --- threads --------------------------------------------------------------------------
 
     def _bind_loop(self) -> None:
-        if self._loop is None:
-            self._loop = (anyio.lowlevel.current_token(), threading.get_ident())
+        """Remember the loop the gate runs on (again, when it runs on a new one)."""
+        marker = _loop_marker()
+        loop = self._loop
+        if loop is None or loop[2] is not marker:
+            self._loop = (anyio.lowlevel.current_token(), threading.get_ident(), marker)
 
     def on_loop(self, fn: Callable[..., T], *args: Any) -> T | None:
-        """Run ``fn(*args)`` on the gate's event loop, from whatever thread calls."""
+        """Run ``fn(*args)`` on the gate's event loop, from whatever thread calls.
+
+        From another thread the call is handed to the loop without blocking it, and the
+        caller waits for the result at most :data:`ON_LOOP_TIMEOUT` seconds (a loop that
+        stopped without closing never runs it): then ``None``, logged.
+
+        With no loop yet, ``fn`` runs here: it decides what that means (``invalidate`` does
+        nothing; ``quarantine`` needs a clock and raises ``RuntimeError``).
+        """
         loop = self._loop
         if loop is None or loop[1] == threading.get_ident():
             return fn(*args)
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        async def call() -> None:
+            try:
+                done.set_result(fn(*args))
+            except Exception as exc:  # handed to the calling thread  # noqa: BLE001
+                done.set_exception(exc)
+
         try:
-            return anyio.from_thread.run_sync(fn, *args, token=loop[0])
+            _spawn_from_thread(loop[0], call, self._tasks)
         except RuntimeError:  # that loop is gone: nothing waits on this gate any more
+            return None
+        try:
+            return done.result(timeout=ON_LOOP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            log.warning("capgate.loop_unresponsive", service=self.service, call=fn.__name__)
             return None
 
     # --- waiting ----------------------------------------------------------------------------
@@ -423,6 +492,7 @@ class Engine:
     def quarantine(
         self, account: str, seconds: float, reason: str, model: str | None = None
     ) -> None:
+        _need_clock()
         if model is None:
             self.store.quarantine(account, seconds, reason)
         else:
@@ -446,6 +516,7 @@ class Engine:
         self._wake_driver()
 
     def restore(self, account: str) -> None:
+        _need_clock()
         if self.store.restore(account):
             log.info("capgate.restore", service=self.service, account=account)
             self._dispatch()
@@ -471,8 +542,7 @@ class Engine:
 
     async def _run_poll(self, inflight: _Inflight) -> None:
         try:
-            with anyio.CancelScope() as scope:
-                inflight.scope = scope
+            with inflight.scope:
                 await self._poll(inflight)
         except Exception:  # a bug must not take the event loop down with it
             log.exception("capgate.poll_crashed", service=self.service)
@@ -569,12 +639,10 @@ class Engine:
                 ticket = await store.begin_poll(force=True)
                 if not isinstance(ticket, PollTicket):
                     return await self._await_fleet_snapshot()
-                # the caller waits for this poll anyway: make it here, so the grants it
-                # brings and this return happen in one step (cancelling it aborts the poll)
-                inflight = self._inflight = _Inflight(ticket)
-                await self._run_poll(inflight)
-            else:
-                await inflight.done.wait()
+                # in a task of its own, like a driver's: cancelling this caller leaves the
+                # poll to serve the waiters
+                inflight = self._start_poll(ticket)
+            await inflight.done.wait()
             if inflight.snapshot is not None:
                 return inflight.snapshot
             if inflight.error is not None:
@@ -676,7 +744,7 @@ class Engine:
         for waiter in list(self._iter_waiters()):
             self._fail(waiter, GateClosed(f"{self.service}: the gate is closed"))
         inflight = self._inflight
-        if inflight is not None and inflight.scope is not None:
+        if inflight is not None:
             inflight.scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             if inflight is not None:
