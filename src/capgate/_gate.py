@@ -473,7 +473,13 @@ class CapacityGate:
             TypeError: ``create`` returned something other than an ``httpx.Response``.
         """
         return await submit(
-            self, create, account=account, timeout=timeout, max_attempts=max_attempts, model=model
+            self,
+            self._engine.config,
+            create,
+            account=account,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            model=model,
         )
 
     # --- telling the gate what happened -----------------------------------------------------

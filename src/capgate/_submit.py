@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import httpx
@@ -19,8 +19,42 @@ from ._log import log
 from ._policy import classify_create
 
 if TYPE_CHECKING:
-    from ._gate import CapacityGate
+    from contextlib import AbstractAsyncContextManager
+
+    from ._config import GateConfig
     from ._services import Cooldown
+
+
+class _Held(Protocol):
+    """What the create loop uses of a slot (``capgate.Slot``; named here, not imported, so
+    that the facade and this module do not import each other)."""
+
+    @property
+    def account(self) -> str: ...
+    @property
+    def lost(self) -> bool: ...
+    def mark_submitted(self, job_id: str | int | None = None) -> None: ...
+    def mark_busy(self) -> None: ...
+    def quarantine(
+        self, seconds: float | None = None, reason: str = "", *, model: str | None = None
+    ) -> None: ...
+    def _give_back_unused(self) -> None: ...
+
+
+class _Gate(Protocol):
+    """What the create loop uses of the gate (``capgate.CapacityGate``)."""
+
+    @property
+    def service(self) -> str: ...
+    def slot(
+        self,
+        account: str | Collection[str] | None = None,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        model: str | None = None,
+    ) -> AbstractAsyncContextManager[_Held]: ...
+
 
 __all__ = ["cooldown_for", "error_excerpt", "submit"]
 
@@ -65,7 +99,8 @@ def cooldown_for(cooldowns: tuple[Cooldown, ...], body: Any) -> tuple[Cooldown, 
 
 
 async def submit(
-    gate: CapacityGate,
+    gate: _Gate,
+    config: GateConfig,
     create: Callable[[str], Awaitable[httpx.Response]],
     *,
     account: str | Collection[str] | None,
@@ -83,8 +118,8 @@ async def submit(
     if timeout is not None:
         timeout = number("timeout", timeout, minimum=0, inclusive=True)
     service = gate.service
-    job_id_from = gate._engine.config.service.job_id_from
-    cooldowns = gate._engine.config.cooldowns
+    job_id_from = config.service.job_id_from
+    cooldowns = config.cooldowns
     deadline = None if timeout is None else anyio.current_time() + timeout
     last: httpx.Response | None = None
     last_account: str | None = None
