@@ -132,40 +132,34 @@ async def hold(
             tg.start_soon(holder)
 
 
-class _PausingGate:
-    """Hands ``submit`` slots; the first ``slots`` of them stop the process once all are in."""
+def _pausing(gate: CapacityGate, slots: int) -> dict[str, int]:
+    """Wrap ``gate.slot`` (what ``gate.submit`` calls): the first ``slots`` slots stop the
+    process once all are held, then count how many report ``lost``."""
+    real_slot = gate.slot
+    seen = {"entered": 0, "lost": 0}
+    all_in = anyio.Event()
 
-    def __init__(self, gate: CapacityGate, slots: int) -> None:
-        self.gate = gate
-        self.slots = slots
-        self.entered = 0
-        self.all_in = anyio.Event()
-        self.lost = 0
+    class Pausing:
+        def __init__(self, request: Any) -> None:
+            self.request = request
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.gate, name)
+        async def __aenter__(self) -> Any:
+            slot = await self.request.__aenter__()
+            if seen["entered"] < slots:
+                seen["entered"] += 1
+                if seen["entered"] == slots:
+                    print("HELD", flush=True)
+                    os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops here
+                    all_in.set()
+                await all_in.wait()
+                seen["lost"] += slot.lost
+            return slot
 
-    def slot(self, *args: Any, **kwargs: Any) -> Any:
-        request = self.gate.slot(*args, **kwargs)
-        outer = self
+        async def __aexit__(self, *exc: Any) -> Any:
+            return await self.request.__aexit__(*exc)
 
-        class Pausing:
-            async def __aenter__(self) -> Any:
-                slot = await request.__aenter__()
-                if outer.entered < outer.slots:
-                    outer.entered += 1
-                    if outer.entered == outer.slots:
-                        print("HELD", flush=True)
-                        os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops here
-                        outer.all_in.set()
-                    await outer.all_in.wait()
-                    outer.lost += slot.lost
-                return slot
-
-            async def __aexit__(self, *exc: Any) -> Any:
-                return await request.__aexit__(*exc)
-
-        return Pausing()
+    gate.slot = lambda *args, **kwargs: Pausing(real_slot(*args, **kwargs))  # type: ignore[method-assign]
+    return seen
 
 
 async def pause(
@@ -178,7 +172,7 @@ async def pause(
     ttl: float,
 ) -> None:
     gate = _gate(url, redis_url, namespace, interval, ttl)
-    pausing = _PausingGate(gate, slots)
+    seen = _pausing(gate, slots)
     create_url = url.replace("/scheduler/available", "/jobs")
     statuses: dict[int, int] = {}
     async with httpx.AsyncClient(timeout=10) as client:
@@ -194,15 +188,9 @@ async def pause(
 
         async with anyio.create_task_group() as tg:
             for _ in range(slots):
-                tg.start_soon(_submit, pausing, create)
+                tg.start_soon(lambda: gate.submit(create, timeout=30, max_attempts=5))
     await gate.aclose()
-    print(json.dumps({"statuses": statuses, "lost": pausing.lost}), flush=True)
-
-
-async def _submit(gate: Any, create: Any) -> None:
-    from capgate._submit import submit  # submit() itself, on the pausing wrapper
-
-    await submit(gate, create, account=None, timeout=30, max_attempts=5)
+    print(json.dumps({"statuses": statuses, "lost": seen["lost"]}), flush=True)
 
 
 async def wait(

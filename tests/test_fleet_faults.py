@@ -173,7 +173,7 @@ async def test_paused_holder_resumes_without_a_single_429(make_gate, namespace) 
         _reaped(_spawn("pause", url, REDIS_URL, namespace, 3, 0.3, 0.15, ttl)) as proc,
     ):
         line = await anyio.to_thread.run_sync(proc.stdout.readline)  # type: ignore[union-attr]
-        assert line.strip() == "HELD"
+        assert line.strip() == "HELD", proc.communicate(timeout=10)[1][-2000:]
         await _eventually(lambda: _stopped(proc.pid))
         stopped = time.monotonic()
         gate = make_gate(url, lease_ttl=ttl)
