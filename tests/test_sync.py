@@ -25,6 +25,7 @@ import requests
 
 import capgate
 from capgate import (
+    AccountQuarantined,
     AuthenticationError,
     CapacityGate,
     GateClosed,
@@ -337,6 +338,82 @@ def test_submit_refuses_a_create_without_status_code(gates, server):
     gate = gates(server.fake.token, url=server.url, poll_interval=0.2)
     with pytest.raises(TypeError, match=r"not dict$"):
         gate.submit(lambda account: {"ok": True})  # type: ignore[arg-type,return-value]
+
+
+@pytest.fixture
+def flow() -> Iterator[Server]:
+    """A Google Flow fake on loopback: one slot per account, sync creates of 0.2 s."""
+    fake = FakeScheduler({"a@x.io": 1, "b@x.io": 1}, service="google-flow", job_duration=0.2)
+    with serve(fake) as url:
+        yield Server(fake, url)
+
+
+def flow_gate(flow: Server, gates: Callable[..., SyncCapacityGate], **options: Any) -> Any:
+    """A sync gate on ``flow``, a before b, and a create for a model."""
+    gate = gates(
+        flow.fake.token,
+        service="google-flow",
+        base_url=flow.url,
+        max_jobs={"a@x.io": 1, "b@x.io": 1},
+        strategy="first_fit",
+        poll_interval=0.2,
+        **options,
+    )
+
+    def create(account: str, model: str = "veo-3") -> requests.Response:
+        body = flow.body(account, model=model, duration=0.2)
+        return requests.post(flow.create_url, json=body, headers=flow.headers, timeout=10)
+
+    return gate, create
+
+
+def quarantined(gate: SyncCapacityGate) -> dict[str, float | None]:
+    return {r.account: r.quarantined_for for r in gate.statistics().accounts}
+
+
+def test_submit_google_flow_reason_quarantines_the_account(flow, gates):
+    """A 429 naming USER_QUOTA_REACHED takes the account out for its configured cooldown
+    (the async submit's rule), and the job goes to the other account."""
+    reason = "PUBLIC_ERROR_USER_QUOTA_REACHED"
+    gate, create = flow_gate(flow, gates, cooldowns={reason: 90})
+    flow.fake.fail_account("a@x.io", 429, f"Google says {reason}")
+    response = gate.submit(create, timeout=30)
+    assert response.status_code == 200
+    assert [job.account for job in flow.fake.jobs.values()] == ["b@x.io"]
+    left = quarantined(gate)["a@x.io"]
+    assert left is not None
+    assert 80 <= left <= 90
+    assert reason in repr(gate)
+
+
+def test_submit_per_model_reason_takes_out_only_that_model(flow, gates):
+    """submit(model=) with PER_MODEL_DAILY_QUOTA_REACHED takes out only that model on the
+    account: slot(model=) for it is refused there, another model still gets the account."""
+    reason = "PUBLIC_ERROR_PER_MODEL_DAILY_QUOTA_REACHED"
+    gate, create = flow_gate(flow, gates, cooldowns={reason: 120})
+    flow.fake.fail_model("a@x.io", "veo-3", 429, f"quota: {reason}")
+    response = gate.submit(create, timeout=30, model="veo-3")
+    assert response.status_code == 200
+    assert [job.account for job in flow.fake.jobs.values()] == ["b@x.io"]
+    assert quarantined(gate)["a@x.io"] is None  # the account itself stays in rotation
+    with pytest.raises(AccountQuarantined), gate.slot("a@x.io", model="veo-3", timeout=5):
+        pass
+    with gate.slot("a@x.io", model="imagen", timeout=5) as slot:
+        assert slot.account == "a@x.io"
+
+
+def test_quarantine_for_one_model_on_the_gate_and_the_slot(flow, gates):
+    """gate.quarantine(..., model=) and slot.quarantine(model=) spare other models."""
+    gate, _ = flow_gate(flow, gates)
+    gate.quarantine("a@x.io", 60, "quota", model="m1")
+    with gate.slot(model="m1", timeout=5) as slot:
+        assert slot.account == "b@x.io"
+        slot.quarantine(60, "quota", model="m1")
+    with pytest.raises(AccountQuarantined), gate.slot(model="m1", timeout=5):
+        pass
+    with gate.slot(model="m2", timeout=5) as slot:
+        assert slot.account == "a@x.io"
+    assert set(quarantined(gate).values()) == {None}
 
 
 # --- the other methods ------------------------------------------------------------------

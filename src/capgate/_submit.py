@@ -56,7 +56,7 @@ class _Gate(Protocol):
     ) -> AbstractAsyncContextManager[_Held]: ...
 
 
-__all__ = ["cooldown_for", "error_excerpt", "submit"]
+__all__ = ["answer", "cooldown_for", "error_excerpt", "needs_body", "skip_lost", "submit"]
 
 
 async def _json(response: httpx.Response) -> Any:
@@ -98,6 +98,87 @@ def cooldown_for(cooldowns: tuple[Cooldown, ...], body: Any) -> tuple[Cooldown, 
     return None
 
 
+def skip_lost(slot: _Held, service: str) -> bool:
+    """Give back a slot the fleet took back while we were paused; ``True`` if it was lost.
+
+    Creating on it could oversubscribe the account: the caller waits for another slot, and
+    that wait is not an attempt.
+    """
+    if not slot.lost:
+        return False
+    log.warning("capgate.slot_lost", service=service, account=slot.account)
+    slot._give_back_unused()
+    return True
+
+
+def needs_body(status: int, config: GateConfig) -> bool:
+    """Whether :func:`answer` reads the body of a create answer with this status."""
+    outcome = classify_create(status)
+    if outcome == "busy":
+        return status == 429 and bool(config.cooldowns)
+    return outcome in ("created", "broken")
+
+
+def answer(
+    slot: _Held,
+    status: int,
+    body: Any,
+    *,
+    config: GateConfig,
+    model: str | None,
+    attempt: int,
+) -> bool:
+    """Apply one create answer to its slot: the rules of ``submit()``, async and sync.
+
+    Args:
+        slot: The slot the create request used.
+        status: The answer's HTTP status.
+        body: Its JSON body when :func:`needs_body` says so, else anything (unread).
+        config: The gate's configuration (service, cooldowns).
+        model: The job's model, for a per-model cooldown.
+        attempt: The create call's number, for the log.
+
+    Returns:
+        ``True`` to try again on another slot, ``False`` when the answer is the result.
+
+    Raises:
+        AuthenticationError: The create request was refused (401); the slot is given back.
+    """
+    service = config.service.name
+    outcome = classify_create(status)
+    if outcome == "created":
+        slot.mark_submitted(config.service.job_id_from(body))
+        return False
+    if outcome == "busy" and status == 429 and config.cooldowns:
+        found = cooldown_for(config.cooldowns, body)
+        if found is not None:
+            cooldown, seconds = found
+            # a per-model reason for a job of no known model: the whole account
+            scoped = model if cooldown.scope == "model" else None
+            slot.quarantine(seconds, reason=cooldown.reason, model=scoped)
+            return True
+    if outcome == "busy":
+        log.info(
+            "capgate.submit_busy",
+            service=service,
+            account=slot.account,
+            status_code=status,
+            attempt=attempt,
+        )
+        slot.mark_busy()
+        return True
+    if outcome == "broken":
+        error = error_excerpt(body)
+        slot.quarantine(reason=f"HTTP {status}" + (f": {error}" if error else ""))
+        return True
+    if outcome == "refused":
+        slot._give_back_unused()
+        raise AuthenticationError(
+            f"{service}: the create request was refused (HTTP 401)", status_code=401
+        )
+    return False
+
+
 async def submit(
     gate: _Gate,
     config: GateConfig,
@@ -118,8 +199,6 @@ async def submit(
     if timeout is not None:
         timeout = number("timeout", timeout, minimum=0, inclusive=True)
     service = gate.service
-    job_id_from = config.service.job_id_from
-    cooldowns = config.cooldowns
     deadline = None if timeout is None else anyio.current_time() + timeout
     last: httpx.Response | None = None
     last_account: str | None = None
@@ -127,11 +206,7 @@ async def submit(
     while attempt < max_attempts:
         left = None if deadline is None else max(0.0, deadline - anyio.current_time())
         async with gate.slot(account, timeout=left, model=model) as slot:
-            if slot.lost:
-                # the fleet took this slot back while we were paused: creating now could
-                # oversubscribe the account; wait for another slot (not an attempt)
-                log.warning("capgate.slot_lost", service=service, account=slot.account)
-                slot._give_back_unused()
+            if skip_lost(slot, service):
                 continue
             attempt += 1
             response = await create(slot.account)
@@ -141,37 +216,9 @@ async def submit(
                 )
             status = response.status_code
             last, last_account = response, slot.account
-            outcome = classify_create(status)
-            if outcome == "created":
-                slot.mark_submitted(job_id_from(await _json(response)))
-                return response
-            if outcome == "busy" and status == 429 and cooldowns:
-                found = cooldown_for(cooldowns, await _json(response))
-                if found is not None:
-                    cooldown, seconds = found
-                    # a per-model reason for a job of no known model: the whole account
-                    scoped = model if cooldown.scope == "model" else None
-                    slot.quarantine(seconds, reason=cooldown.reason, model=scoped)
-                    continue
-            if outcome == "busy":
-                log.info(
-                    "capgate.submit_busy",
-                    service=service,
-                    account=slot.account,
-                    status_code=status,
-                    attempt=attempt,
-                )
-                slot.mark_busy()
+            body = await _json(response) if needs_body(status, config) else None
+            if answer(slot, status, body, config=config, model=model, attempt=attempt):
                 continue
-            if outcome == "broken":
-                error = error_excerpt(await _json(response))
-                slot.quarantine(reason=f"HTTP {status}" + (f": {error}" if error else ""))
-                continue
-            if outcome == "refused":
-                slot._give_back_unused()
-                raise AuthenticationError(
-                    f"{service}: the create request was refused (HTTP 401)", status_code=401
-                )
             return response
     assert last is not None  # noqa: S101 - max_attempts >= 1
     raise SubmissionFailed(

@@ -36,12 +36,9 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from ._errors import AuthenticationError, GateClosed, SubmissionFailed
+from ._errors import GateClosed, SubmissionFailed
 from ._gate import CapacityGate, Slot
-from ._log import log
-from ._policy import classify_create
-from ._services import get_service
-from ._submit import error_excerpt
+from ._submit import answer, needs_body, skip_lost
 
 if TYPE_CHECKING:
     from ._models import GateStatistics, Snapshot
@@ -201,9 +198,18 @@ class SyncSlot:
         """The account answered 429 after all: give the slot back (see :meth:`Slot.mark_busy`)."""
         self._rt.run_sync(self._slot.mark_busy)
 
-    def quarantine(self, seconds: float | None = None, reason: str = "") -> None:
-        """Take this slot's account out of rotation (see :meth:`Slot.quarantine`)."""
-        self._rt.run_sync(self._slot.quarantine, seconds, reason)
+    def quarantine(
+        self, seconds: float | None = None, reason: str = "", *, model: str | None = None
+    ) -> None:
+        """Take this slot's account, or only ``model`` on it, out of rotation.
+
+        See :meth:`Slot.quarantine`.
+        """
+        self._rt.run_sync(lambda: self._slot.quarantine(seconds, reason, model=model))
+
+    def _give_back_unused(self) -> None:
+        """No job was created on this slot: give it back at once (internal)."""
+        self._rt.run_sync(self._slot._give_back_unused)
 
     def __repr__(self) -> str:
         inner = repr(self._slot)
@@ -428,6 +434,7 @@ class SyncCapacityGate:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        model: str | None = None,
     ) -> _SyncSlotContext:
         """Wait for a slot and hold it for the ``with`` block (see :meth:`CapacityGate.slot`).
 
@@ -435,6 +442,8 @@ class SyncCapacityGate:
             account: One account, a collection of allowed accounts, or ``None`` for any.
             timeout: Seconds to wait at most; ``None`` waits as long as it takes.
             priority: Higher goes first; equal priorities are served in arrival order.
+            model: The model the job will use: an account quarantined for this model only
+                is not granted (one quarantined for another model still is).
 
         Returns:
             A context manager yielding a :class:`SyncSlot`.
@@ -446,7 +455,9 @@ class SyncCapacityGate:
             GateClosed: The gate is or gets closed (on entering).
         """
         with self._use() as rt:
-            ctx = rt.run_sync(lambda: rt.gate.slot(account, timeout=timeout, priority=priority))
+            ctx = rt.run_sync(
+                lambda: rt.gate.slot(account, timeout=timeout, priority=priority, model=model)
+            )
             return _SyncSlotContext(self, rt, ctx)
 
     def __enter__(self) -> str:
@@ -478,13 +489,17 @@ class SyncCapacityGate:
         account: str | Collection[str] | None = None,
         timeout: float | None = None,
         max_attempts: int = 6,
+        model: str | None = None,
     ) -> R:
         """Submit a job through the gate, retrying on busy and broken accounts.
 
-        The rules of :meth:`CapacityGate.submit`, with ``create`` a plain function called in
-        this thread: 2xx marks the slot submitted with the job id from the body and is
-        returned; 429/502/504 mark the account busy and retry; 596/412/402 quarantine it and
-        retry; 401 raises; anything else is returned untouched.
+        The rules of :meth:`CapacityGate.submit` (the same code decides), with ``create`` a
+        plain function called in this thread: 2xx marks the slot submitted with the job id
+        from the body and is returned; 429/502/504 mark the account busy and retry;
+        596/412/402 quarantine it and retry; a 429 naming one of the service's reasons
+        (Google Flow's ``PUBLIC_ERROR_…``) quarantines the account, or only ``model`` on
+        it, for that reason's cooldown and retries; 401 raises; anything else is returned
+        untouched. A slot fleet mode lost while this process was paused is not used.
 
         Args:
             create: ``(account) -> response``: an ``httpx.Response``, a ``requests.Response``
@@ -492,6 +507,7 @@ class SyncCapacityGate:
             account: One account, a collection of allowed accounts, or ``None`` for any.
             timeout: Seconds in all to wait for slots (the create calls are not timed).
             max_attempts: Create calls at most.
+            model: The model the job uses (for model-scoped quarantines).
 
         Returns:
             ``create``'s own response object that ended the attempts.
@@ -509,16 +525,22 @@ class SyncCapacityGate:
             raise TypeError(f"max_attempts must be an int, not {type(max_attempts).__name__}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        spec = get_service(self._service)
-        ctx = self.slot(account, timeout=timeout)  # checks account and timeout
+        config = self._gate._engine.config  # the same in a forked child's gate
+        # the first slot() checks account, timeout and model before any wait
+        ctx: _SyncSlotContext | None = self.slot(account, timeout=timeout, model=model)
         deadline = None if timeout is None else self._now() + timeout
         last: R | None = None
         last_account: str | None = None
-        for attempt in range(1, max_attempts + 1):
-            if attempt > 1:
+        attempt = 0
+        while attempt < max_attempts:
+            if ctx is None:
                 left = None if deadline is None else max(0.0, deadline - self._now())
-                ctx = self.slot(account, timeout=left)
+                ctx = self.slot(account, timeout=left, model=model)
             with ctx as slot:
+                ctx = None
+                if skip_lost(slot, self._service):
+                    continue
+                attempt += 1
                 response = create(slot.account)
                 status = getattr(response, "status_code", None)
                 if isinstance(status, bool) or not isinstance(status, int):
@@ -527,30 +549,9 @@ class SyncCapacityGate:
                         f"(httpx or requests), not {type(response).__name__}"
                     )
                 last, last_account = response, slot.account
-                outcome = classify_create(status)
-                if outcome == "created":
-                    slot.mark_submitted(spec.job_id_from(_json(response)))
-                    return response
-                if outcome == "busy":
-                    log.info(
-                        "capgate.submit_busy",
-                        service=self._service,
-                        account=slot.account,
-                        status_code=status,
-                        attempt=attempt,
-                    )
-                    slot.mark_busy()
+                body = _json(response) if needs_body(status, config) else None
+                if answer(slot, status, body, config=config, model=model, attempt=attempt):
                     continue
-                if outcome == "broken":
-                    error = error_excerpt(_json(response))
-                    slot.quarantine(reason=f"HTTP {status}" + (f": {error}" if error else ""))
-                    continue
-                if outcome == "refused":
-                    # leaving the block with this error settles the slot (no job was made)
-                    raise AuthenticationError(
-                        f"{self._service}: the create request was refused (HTTP 401)",
-                        status_code=401,
-                    )
                 return response
         assert last is not None  # noqa: S101 - max_attempts >= 1
         raise SubmissionFailed(
@@ -583,10 +584,20 @@ class SyncCapacityGate:
         finally:
             self._leave(rt)
 
-    def quarantine(self, account: str, seconds: float | None = None, reason: str = "") -> None:
-        """Take ``account`` out of rotation (see :meth:`CapacityGate.quarantine`)."""
+    def quarantine(
+        self,
+        account: str,
+        seconds: float | None = None,
+        reason: str = "",
+        model: str | None = None,
+    ) -> None:
+        """Take ``account``, or only ``model`` on it, out of rotation.
+
+        See :meth:`CapacityGate.quarantine` (in fleet mode a model's quarantine takes the
+        whole account out).
+        """
         with self._use() as rt:
-            rt.run_sync(rt.gate.quarantine, account, seconds, reason)
+            rt.run_sync(rt.gate.quarantine, account, seconds, reason, model)
 
     def restore(self, account: str) -> None:
         """Put a quarantined ``account`` back into rotation now."""
