@@ -127,3 +127,19 @@ def test_unknown_dispatcher():
     """An unknown dispatcher names the known ones."""
     with pytest.raises(ValueError, match=r"^unknown dispatcher 'fifo'; use one of capgate, "):
         simulate(SMALL, "fifo")
+
+
+@pytest.mark.parametrize(
+    "service",
+    ["kling", "minimax", "pixverse", "tempolor", "dreamina", "mureka", "minimax-agent", "luma"],
+)
+def test_the_gate_runs_every_service_with_async_creates(service):
+    """capgate simulate --service NAME: every job goes through, no 429, on each shape.
+
+    Regression: the runner posted creates to ``…/jobs`` (404 on the newer services), took
+    only 200 as created (Mureka answers 201), and gave no max_jobs= to the services whose
+    cap is not published, which then refused to build (or assumed Mureka's 10).
+    """
+    result = simulate(Scenario(jobs=30, workers=10, service=service), "capgate")
+    assert result.jobs == 30
+    assert result.rejected_429 == 0

@@ -476,7 +476,9 @@ class _Env:
         self.fake = fake
         self.client = client
         self.url = url
-        self.create_url = url.replace("/scheduler/available", "/jobs")
+        # the fake's create path for this service, at the origin the gate polls
+        origin = httpx.URL(url).copy_with(path="/", query=None, fragment=None)
+        self.create_url = str(origin.join(httpx.URL(fake.create_url).path))
         self.headers = {"Authorization": f"Bearer {fake.token}"}
         self.spec = fake.spec
         self.t0 = anyio.current_time()
@@ -523,7 +525,7 @@ class _Env:
             json={self.spec.account_key: account, "duration": job.duration},
             headers=self.headers,
         )
-        if response.status_code == 200:
+        if response.is_success:  # 200, or 201 (mureka)
             job_id = self.spec.job_id_from(response.json())
             made = self.fake.jobs[str(job_id)]
             job.start, job.end, job.account = made.start, made.end, account
@@ -628,12 +630,17 @@ async def _workers(env: _Env, work: Any) -> None:
 
 async def _run_capgate(env: _Env) -> None:
     scenario = env.scenario
+    spec = env.fake.spec
+    # a service that publishes no cap (or only in prose) is told the simulated ones
+    caps = dict(zip(scenario.account_names, scenario.accounts, strict=True))
     gate = CapacityGate(
         env.fake.token,
         service=scenario.service,
         url=env.url,
         client=env.client,
         poll_interval=scenario.poll_interval,
+        max_jobs=caps if spec.needs_max_jobs or spec.default_max_jobs is not None else None,
+        accounts=scenario.account_names if spec.needs_accounts else None,
     )
     # the gate's jitter is random; seed it so a run repeats exactly
     gate._engine.rng.seed(f"{scenario.seed}:jitter")
