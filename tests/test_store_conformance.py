@@ -46,6 +46,7 @@ from redis_support import (
 )
 
 ACCOUNTS = ("a@x.io", "b@x.io", "c@x.io")
+MODELS = ("veo-3", "imagen-4")
 SPACING = 5.0
 
 StoreFactory = Callable[[Any, Callable[[], float]], tuple[Store, Callable[[], None]]]
@@ -243,16 +244,19 @@ class Conformance(RuleBasedStateMachine):
     @rule(
         priority=st.integers(0, 2),
         allowed=st.none() | st.lists(st.sampled_from(ACCOUNTS), min_size=1, unique=True),
+        model=st.none() | st.sampled_from(MODELS),
     )
-    def arrive(self, priority: int, allowed: list[str] | None) -> None:
-        """A waiter joins every store's queue."""
+    def arrive(self, priority: int, allowed: list[str] | None, model: str | None = None) -> None:
+        """A waiter joins every store's queue (for a job of some model, maybe)."""
         wid = f"w{next(self.ids)}"
         seq = int(wid[1:])
         scope = None if allowed is None else frozenset(allowed)
         self.allowed[wid] = scope
         now = self.now()
         for name in self.stores:
-            self.queues[name][wid] = Waiter(wid, seq, priority, scope, now)
+            waiter = Waiter(wid, seq, priority, scope, now)
+            waiter.model = model
+            self.queues[name][wid] = waiter
         self.collect()
 
     def _held(self) -> list[str]:
@@ -299,10 +303,14 @@ class Conformance(RuleBasedStateMachine):
 
         self.each(step)
 
-    @rule(account=st.sampled_from(ACCOUNTS), seconds=st.sampled_from([1.0, 7.0, 1000.0]))
-    def quarantine(self, account: str, seconds: float) -> None:
-        """An account goes out of rotation for a while."""
-        self.each(lambda name, store: store.quarantine(account, seconds, "test"))
+    @rule(
+        account=st.sampled_from(ACCOUNTS),
+        seconds=st.sampled_from([1.0, 7.0, 1000.0]),
+        model=st.none() | st.sampled_from(MODELS),
+    )
+    def quarantine(self, account: str, seconds: float, model: str | None = None) -> None:
+        """An account goes out of rotation for a while (for one model only, maybe)."""
+        self.each(lambda name, store: store.quarantine(account, seconds, "test", model))
 
     @rule(account=st.sampled_from(ACCOUNTS))
     def restore(self, account: str) -> None:
@@ -385,6 +393,40 @@ def _directed(portal: Any, factories: dict[str, StoreFactory]) -> None:
         assert machine.granted["memory"] == {"w0": ACCOUNTS[0]}  # the settle still counts
     finally:
         machine.teardown()
+
+
+def _directed_models(portal: Any, factories: dict[str, StoreFactory]) -> None:
+    """An account out for one model serves waiters for another, and no others (step by step)."""
+    machine = type(
+        "DirectedModels",
+        (Conformance,),
+        {"portal": portal[0], "clock": portal[1], "factories": factories},
+    )()
+    try:
+        machine.setup(strategy="first_fit", accounts=None, max_jobs=None)
+        two = {"max_jobs": 2, "executing": 0, "available": 2}
+        machine.quarantine(account=ACCOUNTS[0], seconds=1000.0, model=MODELS[0])
+        machine.send_poll()
+        machine.answer_poll(data=two, which=[ACCOUNTS[0]], listed=[], extra=[])
+        machine.arrive(priority=0, allowed=None, model=MODELS[0])  # a is out for it
+        machine.arrive(priority=0, allowed=None, model=MODELS[1])  # a is fine for it
+        assert machine.granted["memory"] == {"w1": ACCOUNTS[0]}
+        machine.restore(account=ACCOUNTS[0])
+        assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
+    finally:
+        machine.teardown()
+
+
+def test_memory_store_quarantines_per_model(portal) -> None:
+    """The in-memory store keeps an account out for one model only."""
+    _directed_models(portal, {"memory": memory_store})
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+def test_redis_store_quarantines_per_model(portal) -> None:
+    """The Redis store agrees step by step on a model's quarantine and its restore."""
+    _directed_models(portal, {"memory": memory_store, "redis": redis_store(REDIS_URL)})
 
 
 def test_memory_store_counts_a_settle_made_while_a_poll_was_out(portal) -> None:

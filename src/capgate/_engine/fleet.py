@@ -216,6 +216,7 @@ class _State:
         "lag",
         "last_error",
         "limit",
+        "mquar",
         "pending",
         "poll_in",
         "polls",
@@ -246,6 +247,11 @@ class _State:
         self.quar: dict[str, tuple[float, str]] = {
             k: (float(v[0]), str(v[1])) for k, v in _mapping(d.get("quar")).items()
         }
+        mquar = d.get("mquar")
+        self.mquar: list[tuple[str, str, float, str]] = [
+            (str(a), str(m), float(left), str(r))
+            for a, m, left, r in (mquar if isinstance(mquar, list) else ())
+        ]
         self.lag = float(d.get("lag", 0.0))
         self.polls = int(d.get("polls", 0))
         self.polls_failed = int(d.get("polls_failed", 0))
@@ -486,9 +492,16 @@ class FleetStore:
         return self._snapshot
 
     def quarantined(self, now: float, model: str | None = None) -> dict[str, tuple[float, str]]:
-        # a model's quarantine is the whole account's in a fleet (see quarantine())
         spent = self._state.since(now)
-        return {a: (left - spent, r) for a, (left, r) in self._state.quar.items() if left > spent}
+        out: dict[str, tuple[float, str]] = {}
+        if model is not None:  # out for this model only, unless the whole account is out
+            for account, which, left, reason in self._state.mquar:
+                if which == model and left > spent:
+                    out[account] = (left - spent, reason)
+        out.update(
+            (a, (left - spent, r)) for a, (left, r) in self._state.quar.items() if left > spent
+        )
+        return out
 
     def auth_failure(self, now: float) -> tuple[AuthenticationError, float, object] | None:
         state = self._state
@@ -538,7 +551,12 @@ class FleetStore:
             for w in waiters:
                 allowed = w.allowed if allow is None else allow & (w.allowed or allow)
                 listed.append(
-                    [w.wid, w.priority, sorted(allowed) if allowed is not None else False]
+                    [
+                        w.wid,
+                        w.priority,
+                        sorted(allowed) if allowed is not None else False,
+                        w.model or False,
+                    ]
                 )
             self._waiter_ids = [w.wid for w in waiters]
             sent = _steady()
@@ -663,7 +681,10 @@ class FleetStore:
             delay = min(delay, 0.25)
         if state.grace_in - spent > 0:
             delay = min(delay, state.grace_in - spent)
-        for left, _ in self.quarantined(now).values():
+        for left in (
+            *(left for left, _ in self.quarantined(now).values()),
+            *(m[2] - spent for m in self._state.mquar if m[2] > spent),
+        ):
             delay = min(delay, left)
         return max(delay, 0.005)
 
@@ -798,18 +819,22 @@ class FleetStore:
     def quarantine(
         self, account: str, seconds: float, reason: str, model: str | None = None
     ) -> None:
-        # the fleet's scripts know no model yet: a model's quarantine takes the whole
-        # account out, which costs slots but never oversubscribes
+        named: dict[str, Any] = {"account": account, "seconds": seconds, "reason": reason}
         if model is not None:
-            reason = f"{reason} (model {model})" if reason else f"model {model}"
-        self._record("quarantine", account=account, seconds=seconds, reason=reason)
+            named["model"] = model
+        self._record("quarantine", **named)
         # in force here at once; the next exchange brings the fleet's view
         spent = self._state.since(anyio.current_time())
-        self._state.quar[account] = (seconds + spent, reason)
+        if model is None:
+            self._state.quar[account] = (seconds + spent, reason)
+        else:
+            self._state.mquar.append((account, model, seconds + spent, reason))
 
     def restore(self, account: str) -> bool:
         self._record("restore", account=account, **self._dispatching)
-        return self._state.quar.pop(account, None) is not None
+        models = [m for m in self._state.mquar if m[0] == account]
+        self._state.mquar = [m for m in self._state.mquar if m[0] != account]
+        return self._state.quar.pop(account, None) is not None or bool(models)
 
     def invalidate(self) -> None:
         self._record("invalidate", floor=INVALIDATE_FLOOR)

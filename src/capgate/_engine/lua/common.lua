@@ -24,6 +24,7 @@
 --   pending  hash    account -> leases that count against it
 --   busy     hash    account -> tick of its 429
 --   quar     hash    account -> {u: until (server seconds), r: reason}
+--   mquar    hash    [account, model] (JSON) -> {u, r}: out of rotation for that model only
 --   queue    zset    score -priority, member "<16-digit arrival>:<waiter id>"
 --   wait     hash    waiter id -> {m: queue member, al: allowed accounts, o: owner}
 --   whb      zset    waiter id -> heartbeat expiry
@@ -37,7 +38,7 @@ local P = KEYS[1]
 local M = P .. 'meta'
 local A = cjson.decode(ARGV[1])
 local KEYS_OF_FLEET = {'meta', 'limit', 'order', 'jobs', 'watch', 'lags', 'lease', 'lexp',
-  'pending', 'busy', 'quar', 'queue', 'wait', 'whb', 'granted', 'gone', 'lost', 'lock'}
+  'pending', 'busy', 'quar', 'mquar', 'queue', 'wait', 'whb', 'granted', 'gone', 'lost', 'lock'}
 
 local function server_now()
   local t = redis.call('TIME')
@@ -177,6 +178,21 @@ local function quarantined(a)
   return qd
 end
 
+-- the accounts out of rotation for `model` (a waiter's job model); expired entries go
+local function model_blocked(model)
+  local out = {}
+  local flat = redis.call('HGETALL', P .. 'mquar')
+  for i = 1, #flat, 2 do
+    local key, qd = cjson.decode(flat[i]), cjson.decode(flat[i + 1])
+    if NOW >= qd.u then
+      redis.call('HDEL', P .. 'mquar', flat[i])
+    elseif key[2] == model then
+      out[key[1]] = true
+    end
+  end
+  return out
+end
+
 local function hash_num(key)
   local flat = redis.call('HGETALL', key)
   local out = {}
@@ -217,7 +233,7 @@ local function dispatch(epoch)
     if not rank[a] then seq[#seq + 1] = a; rank[a] = #seq end
   end
   local rr_last = redis.call('HGET', M, 'rr_last')
-  local owners, count = {}, 0
+  local owners, count, blocked = {}, 0, {}
   for _, m in ipairs(redis.call('ZRANGE', P .. 'queue', 0, -1)) do
     if total <= 0 then break end
     local wid = string.sub(m, 18)
@@ -230,6 +246,17 @@ local function dispatch(epoch)
       if type(wd.al) == 'table' then
         allowed = {}
         for _, a in ipairs(wd.al) do allowed[a] = true end
+      end
+      if wd.md then
+        -- a waiter for one model may not use the accounts quarantined for that model
+        blocked[wd.md] = blocked[wd.md] or model_blocked(wd.md)
+        if next(blocked[wd.md]) then
+          local base = allowed
+          allowed = {}
+          for _, a in ipairs(seq) do
+            if (not base or base[a]) and not blocked[wd.md][a] then allowed[a] = true end
+          end
+        end
       end
       local pick = nil
       if A.strategy == 'first_fit' then
@@ -298,6 +325,13 @@ local function state(known_tick)
     if NOW < qd.u then q[flat[i]] = {qd.u - NOW, qd.r} end
   end
   s.quar = q
+  local mq = {}
+  flat = redis.call('HGETALL', P .. 'mquar')
+  for i = 1, #flat, 2 do
+    local key, qd = cjson.decode(flat[i]), cjson.decode(flat[i + 1])
+    if NOW < qd.u then mq[#mq + 1] = {key[1], key[2], qd.u - NOW, qd.r} end
+  end
+  s.mquar = mq
   s.lag = mget('lag', 0)
   s.polls = mget('polls', 0)
   s.polls_failed = mget('polls_failed', 0)

@@ -2,7 +2,7 @@
 -- return the grants made to them with the fleet's state.
 -- KEYS[1] - the fleet's prefix
 -- ARGV[1] - {owner, ttl (waiter heartbeat), strategy, pref, known_tick, grace, idle,
---            waiters: [[waiter id, priority, allowed accounts or false], ...]}
+--            waiters: [[waiter id, priority, allowed accounts or false, model or false], ...]}
 -- returns  - JSON: the state (see common.lua's state()) plus granted: {waiter id: [lease id,
 --            account]} for the waiters given
 local epoch = ensure_epoch()
@@ -19,6 +19,7 @@ for _, w in ipairs(A.waiters) do
     redis.call('ZADD', P .. 'queue', -tonumber(w[2]), m)
     local rec = {m = m, o = A.owner}
     if type(w[3]) == 'table' then rec.al = w[3] end
+    if w[4] then rec.md = w[4] end
     redis.call('HSET', P .. 'wait', wid, cjson.encode(rec))
     redis.call('ZADD', P .. 'whb', NOW + A.ttl, wid)
   end
