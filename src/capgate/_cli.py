@@ -467,7 +467,11 @@ def _open_gate(args: argparse.Namespace) -> CapacityGate:
             _token(), service=_service_of(args), url=args.url, poll_timeout=args.timeout
         )
     except (CapacityGateError, ValueError, TypeError) as exc:
-        raise _Failure(str(exc)) from None
+        text = str(exc)
+        if text.startswith("service= is required"):  # the CLI's words for the library's
+            text = "--service is required" + text.removeprefix("service= is required")
+            text = text.replace("a base_url= or url=", "a --url")
+        raise _Failure(text) from None
 
 
 def _poll_failure(gate: CapacityGate, exc: CapacityGateError) -> _Failure:
@@ -762,6 +766,11 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             accounts = ", ".join(f"{a} (maxJobs {n})" for a, n in args.accounts.items())
             service = ""  # the URL names the service
             example = json.dumps({key: first, "duration": 30})
+            # a service that publishes no cap needs max_jobs= (and one that lists no
+            # accounts, accounts=): the line to paste says them
+            caps = ""
+            if fake.spec.needs_max_jobs:
+                caps = f", max_jobs={dict(args.accounts)!r}"
             print(
                 f"capgate serve-fake: a simulated {args.service} service on loopback "
                 "(Ctrl-C to stop)\n"
@@ -781,7 +790,7 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 "\n"
                 "In Python:\n"
                 f'  gate = CapacityGate("{fake.token}", service="{args.service}", '
-                f'base_url="{root}")',
+                f'base_url="{root}"{caps})',
                 flush=True,
             )
             while True:
