@@ -72,7 +72,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -93,8 +93,25 @@ from .._policy import (
 from .base import Lease, PollTicket, StoreView, Waiter
 from .ledger import cap_for, row_limit
 
-if TYPE_CHECKING:
-    from ..redis import RedisStore
+
+class RedisSettings(Protocol):
+    """What the Redis store reads of ``capgate.redis.RedisStore`` (its public settings and
+    connection); named here so that this module and ``capgate.redis`` do not import each
+    other, even for type checking."""
+
+    lease_ttl: float
+    heartbeat_ttl: float
+    renew_interval: float
+    recheck_interval: float
+    recovery_grace: float
+    socket_timeout: float
+    idle_ttl: float
+
+    def key_prefix(self, token: str, service: str, url: str) -> str: ...
+    def client(self) -> Any: ...
+    def _attach(self) -> None: ...
+    def _detach(self) -> None: ...
+
 
 __all__ = ["SCRIPTS", "FleetStore", "config_mismatch", "fleet_config"]
 
@@ -316,7 +333,7 @@ class FleetStore:
     def __init__(
         self,
         config: GateConfig,
-        redis_store: RedisStore,
+        redis_store: RedisSettings,
         *,
         clock: Callable[[], float] | None = None,
     ) -> None:
