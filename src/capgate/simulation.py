@@ -753,7 +753,11 @@ async def _run_oracle(env: _Env) -> None:
         while queue or any(inflight.values()):
             now = anyio.current_time()
             fake._advance(now)  # start the outside jobs due by now, as a request would
-            free = {n: fake.max_jobs[n] - fake.active(n, now) - inflight[n] for n in names}
+            if env.spec.sync_create:
+                # a sync create is answered when its job ends: in flight and running at once
+                free = {n: fake.max_jobs[n] - max(fake.active(n, now), inflight[n]) for n in names}
+            else:
+                free = {n: fake.max_jobs[n] - fake.active(n, now) - inflight[n] for n in names}
             while queue and queue[-1].arrival <= now:
                 best = max(names, key=lambda n: free[n])
                 if free[best] <= 0:
