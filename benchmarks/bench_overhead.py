@@ -43,7 +43,7 @@ class StaticServer:
 def _gate(body: dict[str, Any]) -> tuple[CapacityGate, httpx.AsyncClient, StaticServer]:
     server = StaticServer(body)
     client = httpx.AsyncClient(transport=httpx.MockTransport(server.handle))
-    gate = CapacityGate("bench-token", service="ltxstudio", client=client, poll_interval=3600.0)
+    gate = CapacityGate("bench-token", service="kling", client=client, poll_interval=3600.0)
     return gate, client, server
 
 

@@ -61,7 +61,7 @@ async def _dispatch_pass(waiters: int, restrict: str | None) -> dict[str, Any]:
     clock = trio.lowlevel.current_clock()
     server = StaticServer(FULL)
     client = httpx.AsyncClient(transport=httpx.MockTransport(server.handle))
-    gate = CapacityGate("bench-token", service="ltxstudio", client=client, poll_interval=5.0)
+    gate = CapacityGate("bench-token", service="kling", client=client, poll_interval=5.0)
     release = anyio.Event()
     passes: list[float] = []
     store = gate._engine.store  # the in-memory store: its dispatch pass is what is timed
@@ -99,7 +99,7 @@ async def _requests_over_time(waiters: int, seconds: float = 60.0) -> int:
     clock = trio.lowlevel.current_clock()
     server = StaticServer(FULL)
     client = httpx.AsyncClient(transport=httpx.MockTransport(server.handle))
-    gate = CapacityGate("bench-token", service="ltxstudio", client=client, poll_interval=5.0)
+    gate = CapacityGate("bench-token", service="kling", client=client, poll_interval=5.0)
     release = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_queue, gate, waiters, release, None)
@@ -116,7 +116,7 @@ async def _requests_over_time(waiters: int, seconds: float = 60.0) -> int:
 async def _memory(waiters: int, with_gate: bool) -> float:
     server = StaticServer(FULL)
     client = httpx.AsyncClient(transport=httpx.MockTransport(server.handle))
-    gate = CapacityGate("bench-token", service="ltxstudio", client=client, poll_interval=5.0)
+    gate = CapacityGate("bench-token", service="kling", client=client, poll_interval=5.0)
     release = anyio.Event()
 
     async def bare() -> None:

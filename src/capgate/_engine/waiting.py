@@ -158,6 +158,7 @@ class Engine:
         self._owns_client = owns_client
         self._queues: dict[int, dict[Waiter, None]] = {}
         self._waiting = 0
+        self._model_waiters = 0  # waiters for one model: they must be checked one by one
         self._driver: Waiter | None = None
         self._inflight: _Inflight | None = None
         self._tasks: set[Any] = set()
@@ -350,6 +351,8 @@ class Engine:
                 if waiter.arrived <= failed_at:
                     self._fail(waiter, copy.copy(auth[0]))
         out = store.quarantined(now)
+        if not out and not self._model_waiters:
+            return  # nothing is out for anyone (the usual case: no walk of the queue)
         for waiter in list(self._iter_waiters()):
             mine = out if waiter.model is None else self._out(now, waiter.model)
             if mine:
@@ -364,6 +367,8 @@ class Engine:
             self._queues = dict(sorted(self._queues.items(), reverse=True))
         queue[waiter] = None
         self._waiting += 1
+        if waiter.model is not None:
+            self._model_waiters += 1
 
     def _dequeue(self, waiter: Waiter) -> bool:
         queue = self._queues.get(waiter.priority)
@@ -373,6 +378,8 @@ class Engine:
         if not queue:
             del self._queues[waiter.priority]
         self._waiting -= 1
+        if waiter.model is not None:
+            self._model_waiters -= 1
         return True
 
     def _iter_waiters(self) -> Iterator[Waiter]:
