@@ -114,6 +114,14 @@ def _spawn_from_thread(
         run_sync_soon(lambda: _spawn(fn, tasks))
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark a poll task's end as seen. Only a KeyboardInterrupt or SystemExit can end it
+    with an exception (it catches the rest), and asyncio has already sent that on to whoever
+    runs the loop: without this, asyncio would also print it as "never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _spawn(fn: Callable[[], Coroutine[Any, Any, None]], tasks: set[Any]) -> None:
     """Start ``fn()`` in a task that outlives the caller (the poll's; see the docstring)."""
     try:
@@ -126,6 +134,7 @@ def _spawn(fn: Callable[[], Coroutine[Any, Any, None]], tasks: set[Any]) -> None
         task = asyncio.get_running_loop().create_task(fn())
         tasks.add(task)  # the loop keeps only weak references to its tasks
         task.add_done_callback(tasks.discard)
+        task.add_done_callback(_retrieved)
     else:
         trio.lowlevel.spawn_system_task(fn, name="capgate poll")
 
