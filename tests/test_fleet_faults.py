@@ -371,6 +371,9 @@ async def test_paused_poller_is_replaced_and_its_late_answer_dropped(make_gate, 
             await _eventually(lambda: fake.polls >= 2, timeout=10)
             # the lock is min(poll_timeout + 1, max(3, 3 x poll_interval)) = 3 s
             assert time.monotonic() - stopped <= 3.0 + 1.0
+            # the newer answer must be the fleet's before the paused one can come late
+            # (a request reaching the fake is not yet its answer applied in Redis)
+            await _eventually(lambda: _meta(namespace, "polls") >= 1, timeout=10)
             os.kill(proc.pid, signal.SIGCONT)
             await _eventually(lambda: _meta(namespace, "polls_late") >= 1, timeout=10)
             await anyio.sleep(0.5)
