@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 
 from capgate import AccountCapacity, ExecutingJob, Snapshot
 from capgate._engine.ledger import Ledger
+from capgate._policy import UNLISTED_GRACE
 
 
 class Clock:
@@ -81,6 +82,30 @@ def test_counts_that_do_not_lag_teach_no_lag(ledger, clock):
     clock.now = 10
     ledger.apply_snapshot(snap_at(10, ("a", 2, 0)), ledger.tick())
     assert ledger.lag == 0
+
+
+def test_a_job_never_listed_counts_for_the_unlisted_grace(ledger, clock):
+    """A job missing from the counts after its create may be the first sign of a lag: it
+    counts until a snapshot requested more than UNLISTED_GRACE after its settle."""
+    ledger.apply_snapshot(snap_at(0, ("a", 2, 0)), ledger.tick())
+    res = ledger.reserve("a")
+    ledger.settle(res, "job-1")  # it ends before any poll sees it
+    clock.now = 5
+    ledger.apply_snapshot(snap_at(5, ("a", 2, 0)), ledger.tick())
+    assert ledger.pending("a") == 1
+    clock.now = UNLISTED_GRACE + 1
+    ledger.apply_snapshot(snap_at(clock.now, ("a", 2, 0)), ledger.tick())
+    assert ledger.pending("a") == 0
+    assert ledger.lag == 0
+
+
+def test_a_settle_without_job_id_stops_counting_at_the_next_snapshot(ledger, clock):
+    """With no lag known and no job id to look for, rule 2 holds as is."""
+    ledger.apply_snapshot(snap_at(0, ("a", 2, 0)), ledger.tick())
+    res = ledger.reserve("a")
+    ledger.settle(res, None)
+    clock.now = 5
+    ledger.apply_snapshot(snap_at(5, ("a", 2, 0)), ledger.tick())
     assert ledger.pending("a") == 0
 
 
@@ -103,14 +128,23 @@ def test_once_lag_is_known_a_job_counts_until_listed(ledger, clock):
 
 
 def test_a_lagging_reservation_stops_counting_past_the_lag(ledger, clock):
-    """A reservation still missed more than the known lag after its settle stops counting."""
+    """A reservation still missed more than the known lag (and the unlisted grace) after
+    its settle stops counting."""
     _lagging_start(ledger, clock)
     clock.now = 20
     res = ledger.reserve("a")
     ledger.settle(res, "job-2")
-    clock.now = 37
-    ledger.apply_snapshot(snap_at(37, ("a", 2, 0)), ledger.tick())
+    clock.now = 20 + max(16, UNLISTED_GRACE) + 1
+    ledger.apply_snapshot(snap_at(clock.now, ("a", 2, 0)), ledger.tick())
     assert ledger.pending("a") == 0
+
+
+def test_the_lag_floor_is_the_longest_surely_seen(ledger, clock):
+    """job-1 was missed 5 s after its settle and listed 16 s after: the counts lag by more
+    than 5 s (the floor) and at most 16 s (the lag)."""
+    _lagging_start(ledger, clock)
+    assert ledger.lag_floor == 5
+    assert ledger.lag == 16
 
 
 def test_no_snapshot_no_room(ledger):
@@ -313,6 +347,8 @@ class Res:
     job: str | None = None  # the job created on the server for it, if any
     settled_tick: int | None = None
     settled_with: str | None = None
+    settled_at: float = 0.0
+    missed: bool = False  # kept by the unlisted grace after a snapshot missed its job
     counting: bool = True
 
 
@@ -359,6 +395,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.applied: Poll | None = None
         self.model: list[Res] = []
         self.ids = 0
+        self.prompt = False
 
     def cap(self, account: str) -> int:
         limit = self.server.max_jobs[account]
@@ -400,11 +437,24 @@ class LedgerMachine(RuleBasedStateMachine):
         self.applied_tick = poll.tick
         self.applied = poll
         for res in self.model:
+            listed = res.settled_with is not None and res.settled_with in poll.jobs
+            if res.counting and listed and not res.missed and res.settled_tick < poll.tick:
+                self.prompt = True  # listed by the first snapshot after its settle
+        for res in self.model:
             if res.counting and res.settled_tick is not None:
                 reflected = res.settled_tick < poll.tick
                 listed = res.settled_with is not None and res.settled_with in poll.jobs
-                if reflected or listed:
+                # until the counts are seen to be prompt, a job id not listed yet is
+                # waited for, up to the unlisted grace
+                waited = (
+                    res.settled_with is not None
+                    and not self.prompt
+                    and self.clock.now - res.settled_at <= UNLISTED_GRACE
+                )
+                if listed or (reflected and not waited):
                     res.counting = False
+                elif reflected:
+                    res.missed = True
 
     @precondition(lambda self: self.server.jobs)
     @rule(data=st.data())
@@ -445,6 +495,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.settle(res.handle, res.job if with_id else None)
         res.settled_tick = res.handle.settled_tick
         res.settled_with = res.job if with_id else None
+        res.settled_at = self.clock.now
         snapshot = self.ledger.snapshot
         listed = snapshot is not None and res.settled_with is not None
         if listed and snapshot.lists_job(res.settled_with):

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .._models import AccountCapacity, Snapshot
-from .._policy import LAG_MARGIN, LAG_SAMPLES, WATCH_FOR, WATCH_MAX
+from .._policy import LAG_MARGIN, LAG_SAMPLES, UNLISTED_GRACE, WATCH_FOR, WATCH_MAX
 
 __all__ = ["Ledger", "Reservation", "cap_for", "row_limit"]
 
@@ -104,6 +104,9 @@ class Ledger:
         self._pending: Counter[str] = Counter()
         self._snapshot: Snapshot | None = None
         self._limits: dict[str, int] = {}  # per account: room before reservations
+        # per account: listed jobs that have probably ended since (counts that lag; see
+        # forecast.py), granted as probes until the next snapshot
+        self._expected: dict[str, int] = {}
         self._snapshot_tick = 0
         self._busy: dict[str, int] = {}  # account -> tick of the 429
         self._quarantine: dict[str, tuple[float | None, str]] = {}  # account -> (until, reason)
@@ -111,7 +114,14 @@ class Ledger:
         self._model_quarantine: dict[tuple[str, str], tuple[float | None, str]] = {}
         self._lag = 0.0
         self._lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)
-        self._watch: dict[str, float] = {}  # dropped job id -> when it was settled
+        self._lag_floor = 0.0
+        # the unlisted grace (see apply_snapshot) holds until a job of ours is listed by the
+        # first snapshot after its settle (the counts are prompt), and never for the
+        # reservations settled before an invalidate() (news that jobs ended)
+        self._prompt = False
+        self._grace_tick = 0
+        # dropped job id -> (when it was settled, when a snapshot first missed it)
+        self._watch: dict[str, tuple[float, float]] = {}
 
     # --- time and ticks ---------------------------------------------------------------
 
@@ -141,12 +151,15 @@ class Ledger:
         self._snapshot = snapshot
         self._snapshot_tick = sent_tick
         self._limits = {row.account: self._limit(snapshot, row) for row in snapshot.accounts}
+        self._expected = {}
         seen_at = snapshot.requested_at
         # this snapshot's own evidence of lag counts for what it releases
         for res in self._reservations.values():
             listed = res.job_id is not None and snapshot.lists_job(res.job_id)
             if listed and res.missed_at is not None:
-                self._learn_lag(seen_at - res.settled_at)
+                self._learn_lag(seen_at - res.settled_at, res.missed_at - res.settled_at)
+            elif listed and res.settled_tick is not None and res.settled_tick < sent_tick:
+                self._prompt = True  # listed by the first snapshot after its settle
         self._watch_for_lag(snapshot)
         allowance = self._lag * LAG_MARGIN
         for res in list(self._reservations.values()):
@@ -155,11 +168,17 @@ class Ledger:
             if res.job_id is not None and snapshot.lists_job(res.job_id):
                 self._drop(res)
             elif res.settled_tick < sent_tick:
-                if allowance > 0 and seen_at - res.settled_at <= allowance:
+                keep = allowance
+                graced = not self._prompt and res.settled_tick > self._grace_tick
+                if res.job_id is not None and graced:
+                    # until the counts are seen to be prompt, a job missing just after its
+                    # create may be the first sign that they lag: wait for it a while
+                    keep = max(keep, UNLISTED_GRACE)
+                if keep > 0 and seen_at - res.settled_at <= keep:
                     res.missed_at = seen_at  # the counts lag: keep counting it for now
                     continue
                 if res.job_id is not None:
-                    self._watch[res.job_id] = res.settled_at
+                    self._watch[res.job_id] = (res.settled_at, seen_at)
                 self._drop(res)
         for account, busy_tick in list(self._busy.items()):
             if busy_tick < sent_tick:
@@ -172,20 +191,29 @@ class Ledger:
         """How far behind the server's counts have been seen to run (seconds; 0 if never)."""
         return self._lag
 
-    def _learn_lag(self, evidence: float) -> None:
+    @property
+    def lag_floor(self) -> float:
+        """The least the counts have surely lagged by (seconds; 0 if never seen): a job
+        listed late was missing from a snapshot this long after its settle."""
+        return self._lag_floor
+
+    def _learn_lag(self, evidence: float, floor: float = 0.0) -> None:
         if evidence > 0:
             self._lag_samples.append(evidence)
             self._lag = max(self._lag_samples)
+            self._lag_floor = max(self._lag_floor, min(floor, evidence))
 
     def _watch_for_lag(self, snapshot: Snapshot) -> None:
         """A job dropped by rule 2 that a later snapshot lists shows the counts lag."""
         seen_at = snapshot.requested_at
-        for job_id, settled_at in list(self._watch.items()):
+        for job_id, (settled_at, missed_at) in list(self._watch.items()):
             if snapshot.lists_job(job_id):
-                self._learn_lag(seen_at - settled_at)
+                self._learn_lag(seen_at - settled_at, missed_at - settled_at)
                 del self._watch[job_id]
             elif seen_at - settled_at > WATCH_FOR:
                 del self._watch[job_id]
+            else:
+                self._watch[job_id] = (settled_at, seen_at)  # missed once more: a surer floor
         while len(self._watch) > WATCH_MAX:
             del self._watch[next(iter(self._watch))]
 
@@ -207,6 +235,11 @@ class Ledger:
         res.job_id = job_id
         if job_id is not None and self._snapshot is not None and self._snapshot.lists_job(job_id):
             self._drop(res)
+
+    def ended_news(self) -> None:
+        """Jobs have ended (``invalidate()``): a job settled before now and missing from
+        the next snapshot ended; the unlisted grace no longer holds it."""
+        self._grace_tick = self.tick()
 
     def give_back(self, res: Reservation) -> bool:
         """The holder never used the slot: it stops counting at once. True if it counted."""
@@ -253,7 +286,19 @@ class Ledger:
 
     def room(self, account: str) -> int:
         """The accounting rule alone, ignoring busy marks and quarantine."""
-        return max(0, self._limits.get(account, 0) - self._pending.get(account, 0))
+        limit = self._limits.get(account, 0)
+        if self._expected:
+            limit += self._expected.get(account, 0)
+        return max(0, limit - self._pending.get(account, 0))
+
+    def expect_freed(self, expected: Mapping[str, int]) -> None:
+        """Count ``expected[a]`` more slots on ``a``: listed jobs that have probably ended
+        since the snapshot (replaces the previous expectation; a snapshot clears it).
+
+        A grant on such a slot is a probe: a 429 marks the account busy until the next
+        snapshot, so each account costs at most one 429 per snapshot.
+        """
+        self._expected = {a: n for a, n in expected.items() if n > 0}
 
     def _limit(self, snapshot: Snapshot, row: AccountCapacity) -> int:
         return row_limit(snapshot, row, self.cap(row))
@@ -273,6 +318,13 @@ class Ledger:
             n = self.room(account)
             if n > 0:
                 result[account] = n
+        for account in self._expected:  # full accounts are often left out of the snapshot
+            if account not in result and account not in busy and self._limits.get(account) is None:
+                if account in quarantine and self.quarantined(account, now=now) is not None:
+                    continue
+                n = self.room(account)
+                if n > 0:
+                    result[account] = n
         return result
 
     # --- busy marks -------------------------------------------------------------------
