@@ -180,6 +180,11 @@ class AccountStatistics:
         busy: The account answered 429 after the latest snapshot; no grants until a newer one.
         quarantined_for: Seconds of quarantine left, or ``None`` when in rotation.
         quarantine_reason: Why it was quarantined (``""`` when in rotation).
+        median_duration: The median duration (seconds) of its jobs the gate saw end
+            (they drop off ``executing[]``); ``None`` until one has.
+        next_completion: Seconds from now until one of its executing jobs has more likely
+            than not ended (0 when that is already so), by the durations learnt; ``None``
+            when nothing runs there or the jobs are older than any seen to end.
     """
 
     account: str
@@ -190,6 +195,8 @@ class AccountStatistics:
     busy: bool = False
     quarantined_for: float | None = None
     quarantine_reason: str = ""
+    median_duration: float | None = None
+    next_completion: float | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,9 @@ class GateStatistics:
             that waited at most that long)`` per bound of :data:`WAIT_BUCKETS`, cumulative,
             the last bound ``inf`` (a Prometheus histogram's shape). This gate's own grants.
         wait_sum: Seconds waited, summed over this gate's grants.
+        next_poll_in: Seconds until the next poll while tasks wait (``poll_interval`` after
+            the last, or later when no slot is likely to free before); ``None`` while
+            nobody waits (nothing polls) or a poll is in flight.
     """
 
     service: str
@@ -235,6 +245,7 @@ class GateStatistics:
     lag: float = 0.0
     wait_buckets: tuple[tuple[float, int], ...] = ()
     wait_sum: float = 0.0
+    next_poll_in: float | None = None
 
 
 #: the upper bounds (seconds) of GateStatistics.wait_buckets

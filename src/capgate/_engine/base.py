@@ -142,7 +142,8 @@ class StoreView:
         waiting: Waiters in the store's queue, or ``None`` when the store keeps none (the
             core counts its own).
         polls, polls_failed, last_error: Poll counts and the latest failure's message.
-        lag: How far behind the service's counts were seen to run (seconds).
+        lag: How far behind the service's counts were seen to run (seconds), at most.
+        lag_floor: How far behind they surely ran (seconds; 0 where the store doesn't say).
         note: Appended to the repr (", fleet", ", fleet (store unreachable)").
     """
 
@@ -162,6 +163,7 @@ class StoreView:
     last_error: str | None
     lag: float
     note: str = ""
+    lag_floor: float = 0.0
 
 
 class Store(Protocol):
@@ -251,6 +253,11 @@ class Store(Protocol):
 
     def invalidate(self) -> None:
         """The snapshot stops serving; poll as soon as the floor allows."""
+
+    def expect_freed(self, expected: Mapping[str, int]) -> None:
+        """Per account, listed jobs that have probably ended since the snapshot (counts
+        that lag): grant that many more slots there until the next snapshot. A store may
+        ignore it (never oversubscribing, only slower)."""
 
     async def flush(self) -> None:
         """Wait (bounded) until the recorded changes reached the store."""

@@ -7,7 +7,7 @@ the hot path without awaiting anything.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import anyio
 
@@ -70,6 +70,7 @@ class MemoryStore:
             polls_failed=self._polls_failed,
             last_error=self._last_error,
             lag=ledger.lag,
+            lag_floor=ledger.lag_floor,
         )
 
     def snapshot(self) -> Snapshot | None:
@@ -275,6 +276,7 @@ class MemoryStore:
         return self._ledger.restore(account)
 
     def invalidate(self) -> None:
+        self._ledger.ended_news()
         if self._failures:
             return  # never inside a backoff after a failed poll
         now = anyio.current_time()
@@ -285,6 +287,9 @@ class MemoryStore:
         # the answer of a poll already on the wire may predate this news: its arrival
         # must not push the next poll back to a full poll_interval
         self._invalidated_in_flight = self._in_flight
+
+    def expect_freed(self, expected: Mapping[str, int]) -> None:
+        self._ledger.expect_freed(expected)
 
     async def flush(self) -> None:
         return None

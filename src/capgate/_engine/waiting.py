@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import math
 import random
 import threading
@@ -57,6 +58,8 @@ from .._models import GateStatistics, Snapshot, WaitHistogram, account_statistic
 from .._policy import poll_spacing
 from .._poll import fetch_capacity
 from .base import Lease, PollTicket, Store, Waiter
+from .forecast import Forecast
+from .ledger import row_limit
 
 __all__ = ["Engine"]
 
@@ -177,6 +180,12 @@ class Engine:
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int, object] | None = None
         if now_or_none() is not None:  # built inside async code: that is its loop
             self._bind_loop()
+        # when slots are likely to free (see forecast.py): the next poll may go later than
+        # its floor, decided once per snapshot; invalidate() and freed room call it off
+        self.forecast = Forecast()
+        self._planned_for: Snapshot | None = None
+        self._planned_at = -math.inf
+        self._planned_floor = math.inf
         self.closed = False
         self.grants = 0
         self.timeouts = 0
@@ -320,9 +329,9 @@ class Engine:
             return
         store = self.store
         now = anyio.current_time()
-        wait = store.next_change_in(now)
+        wait = min(store.next_change_in(now), self._expect(now) - now)
         if self._inflight is None:
-            due = store.poll_due_in(now)
+            due = self._poll_due_in(now)
             if due <= 0:
                 ticket = await store.begin_poll(force=False)
                 if isinstance(ticket, PollTicket):
@@ -333,7 +342,63 @@ class Engine:
                 wait = min(wait, due)
         if waiter.lease is None and waiter.error is None:
             await store.wait(waiter, max(wait, 0.0))
+            self._expect(anyio.current_time())
         await self._exchange()
+
+    def _expect(self, now: float) -> float:
+        """Counts that lag: tell the store which listed jobs have probably ended by now;
+        returns when the next one will have (``inf``: none)."""
+        snapshot = self.store.snapshot()
+        if snapshot is not None:
+            self.forecast.observe(snapshot)  # the expectation must be of the ledger's snapshot
+        if not self.forecast.ready:
+            return math.inf
+        # the least the counts surely lag by: a probe on a job not yet ended costs a 429
+        lag = self.store.view(now).lag_floor
+        if lag <= 0:
+            return math.inf
+        freed, soonest = self.forecast.probably_freed(now, lag)
+        self.store.expect_freed(freed)
+        return soonest
+
+    def _poll_due_in(self, now: float) -> float:
+        """Seconds until the next poll: the store's floor, or later where the forecast says
+        nothing is likely to free before (decided once per snapshot)."""
+        store = self.store
+        due = store.poll_due_in(now)
+        snapshot = store.snapshot()
+        if snapshot is None:
+            return due
+        floor = now + due
+        if snapshot is not self._planned_for:
+            self._planned_for = snapshot
+            self.forecast.observe(snapshot)
+            self._planned_at = -math.inf
+            if not self._room(snapshot, now):  # else the waiters left can't use it: no guess
+                planned = self.forecast.next_poll(
+                    floor=floor, interval=self.config.poll_interval, accounts=self.config.allow
+                )
+                if planned > floor:
+                    self._planned_at, self._planned_floor = planned, floor
+        elif floor < self._planned_floor - 1e-6:
+            # the floor came closer since (invalidate(), here or in another fleet member):
+            # news the forecast did not have
+            self._planned_at = -math.inf
+        return max(due, self._planned_at - now)
+
+    def _room(self, snapshot: Snapshot, now: float) -> bool:
+        """Whether ``snapshot`` leaves a slot free after the reservations it doesn't show."""
+        view = self.store.view(now)
+        return any(
+            row_limit(snapshot, row, view.caps.get(row.account)) > view.pending.get(row.account, 0)
+            for row in snapshot.accounts
+        )
+
+    def _unplan(self) -> None:
+        """Poll at the floor after all: news came that the forecast did not foresee."""
+        if self._planned_at > -math.inf:
+            self._planned_at = -math.inf
+            self._wake_driver()
 
     async def _exchange(self) -> None:
         """Bring the store up to date with the queue and hand out what it granted."""
@@ -423,6 +488,8 @@ class Engine:
             )
         if self.store.abandon(waiter, lease):
             self._dispatch()
+            if self._waiting:
+                self._unplan()
 
     def _fail(self, waiter: Waiter, error: BaseException) -> None:
         if waiter.lease is None and waiter.error is None:
@@ -494,11 +561,15 @@ class Engine:
         )
         if self.store.settle(lease, job_id):
             self._dispatch()
+            if self._waiting:
+                self._unplan()
 
     def give_back(self, lease: Lease, why: str) -> None:
         if self.store.give_back(lease):
             log.debug("capgate.give_back", service=self.service, account=lease.account, reason=why)
             self._dispatch()
+            if self._waiting:
+                self._unplan()
 
     def mark_busy(self, lease: Lease) -> None:
         log.info("capgate.busy", service=self.service, account=lease.account)
@@ -536,6 +607,7 @@ class Engine:
         if self.store.restore(account):
             log.info("capgate.restore", service=self.service, account=account)
             self._dispatch()
+            self._planned_at = -math.inf
             self._wake_driver()
 
     def invalidate(self) -> None:
@@ -543,6 +615,7 @@ class Engine:
             return
         self.store.invalidate()
         log.debug("capgate.invalidate", service=self.service, waiting=self._waiting)
+        self._planned_at = -math.inf
         self._wake_driver()
 
     async def flush(self) -> None:
@@ -705,6 +778,17 @@ class Engine:
             quarantined=view.quarantined,
         )
         snapshot = view.snapshot
+        if now is not None and self.forecast.ready:
+            rows = tuple(
+                dataclasses.replace(
+                    row, **dataclasses.asdict(self.forecast.outlook(row.account, now))
+                )
+                for row in rows
+            )
+        next_poll_in = None
+        if now is not None and self._waiting and self._inflight is None:
+            due = self.store.poll_due_in(now)
+            next_poll_in = max(0.0, due, self._planned_at - now)
         return GateStatistics(
             service=self.service,
             waiting=self._waiting if view.waiting is None else view.waiting,
@@ -722,6 +806,7 @@ class Engine:
             lag=view.lag,
             wait_buckets=self.waits.buckets(),
             wait_sum=self.waits.total,
+            next_poll_in=next_poll_in,
         )
 
     def _cap_unlisted(self, account: str) -> int | None:

@@ -1,0 +1,439 @@
+"""When slots are likely to free: job durations learnt from the snapshots, and poll timing.
+
+Pure and synchronous, like the ledger: it is fed snapshots and clock readings and never
+awaits, so it is tested without an event loop.
+
+What it learns. Every snapshot lists the jobs executing, most with an ``elapsed``. A job's
+start is placed on the gate's own clock as ``requested_at - elapsed`` (the service writes
+whole seconds, so half a second is added). A job listed in one snapshot and missing from the
+next ended between the two requests: its duration lies in that interval, kept per account
+(the last :data:`SAMPLES_KEPT`) and over every account. Counts that lag shift a job's start
+and its end alike, so what is learnt is when a job *drops off the counts*: the instant a
+poll can see its slot free.
+
+What it predicts. For a job of age ``a`` on an account whose durations are known, the
+chance that it drops off within ``[a + x, a + y)`` is ``(F(a + y) - F(a + x)) / (1 - F(a))``,
+where ``F`` is the durations' distribution (each interval sample spread evenly over its
+interval). Summed over the executing jobs this is how many slots are expected to free, per
+short step of time ahead.
+
+When to poll (:meth:`Forecast.next_poll`). A poll at ``t`` sees every slot freed before ``t``
+late by ``t - s``; the slots freed before the poll after it (at ``t + interval`` at best) are
+seen late too. The next poll goes at the ``t >= floor`` that gives the fewest slot-seconds
+seen late per second covered, a request counting as :data:`REQUEST_COST` slot-seconds::
+
+    cost(t) = sum_s h(s) * (t - s)           for s < t
+            + sum_s h(s) * (t + I - s)       for t <= s < t + I
+    rate(t) = (cost(t) + REQUEST_COST) / (t + I - r)
+
+where ``h(s)`` is the expected slots freed in step ``s``, ``I`` the poll interval and ``r``
+the snapshot's request. With completions spread evenly this is the floor itself (polls
+``poll_interval`` apart, as without a forecast); a completion expected just after the floor
+moves the poll onto it; nothing expected for a while puts the poll off, at most
+:data:`MAX_DEFER` intervals. Without enough history (fewer than :data:`MIN_SAMPLES`
+durations over every account), or with a job no forecast covers, the answer is the floor:
+the gate polls as it always did.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections import deque
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from .._models import Snapshot
+
+__all__ = ["Durations", "Forecast", "Outlook"]
+
+#: durations needed (per account for its own, over all accounts for the pooled) before use
+MIN_SAMPLES = 5
+#: durations kept per account (the newest), and over all accounts
+SAMPLES_KEPT = 64
+POOLED_KEPT = 256
+#: a job seen to end between snapshots further apart than this teaches nothing (seconds)
+MAX_CENSOR = 30.0
+#: the poll is put off at most this many poll intervals past its floor
+MAX_DEFER = 5
+#: the time step of the forecast, as a share of the poll interval
+STEP_SHARE = 0.05
+#: what one request is worth, in slot-seconds seen late (small: polls are cheap, slots dear)
+REQUEST_COST = 0.1
+#: a poll moves off its floor only to save at least this many slot-seconds seen late
+MIN_GAIN = REQUEST_COST
+#: jobs followed at most (the oldest are forgotten first)
+MAX_FOLLOWED = 100_000
+#: with counts that lag, a listed job is taken as ended (a probe) once it is this likely
+PROBE_CONFIDENCE = 0.9
+#: how often (seconds) the chances are weighed again between snapshots
+PROBE_RECHECK = 1.0
+
+
+class Durations:
+    """Durations of one account's jobs (or every account's): Kaplan-Meier over what was seen.
+
+    A job seen to end gives an interval (taken at its middle); a job still running gives a
+    lower bound, its age (right-censored). Leaving the running ones out would teach mostly
+    the short jobs, the first to end, and make every job look nearer its end than it is.
+    Between the ends seen the distribution is drawn as straight lines, so it has no steps
+    finer than the evidence. Past the longest duration seen it knows nothing: ``covers``.
+    """
+
+    __slots__ = ("_censored", "_fs", "_samples", "_xs")
+
+    def __init__(self, kept: int) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=kept)
+        self._censored: list[float] = []
+        self._xs: list[float] = []
+        self._fs: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, lo: float, hi: float) -> None:
+        """A job ended when it was between ``lo`` and ``hi`` seconds old."""
+        lo = max(0.0, lo)
+        self._samples.append((lo, max(lo, hi)))
+        self._xs = []  # rebuilt on the next question
+
+    def running(self, ages: list[float]) -> None:
+        """The ages of the jobs running now (replaces the previous ones)."""
+        self._censored = sorted(ages)
+        self._xs = []
+
+    def _build(self) -> None:
+        ends = sorted((lo + hi) / 2 for lo, hi in self._samples)
+        censored = self._censored
+        xs = [min(lo for lo, _ in self._samples)]
+        fs = [0.0]
+        surviving = 1.0
+        i, n = 0, len(ends)
+        while i < n:
+            at = ends[i]
+            died = 1
+            while i + died < n and ends[i + died] == at:
+                died += 1
+            at_risk = (n - i) + (len(censored) - bisect.bisect_left(censored, at))
+            surviving *= 1.0 - died / at_risk
+            if at > xs[-1]:
+                xs.append(at)
+                fs.append(1.0 - surviving)
+            else:
+                fs[-1] = 1.0 - surviving
+            i += died
+        self._xs, self._fs = xs, fs
+
+    def _curve(self) -> tuple[list[float], list[float]]:
+        if not self._xs:
+            self._build()
+        return self._xs, self._fs
+
+    def covers(self, age: float) -> bool:
+        """Whether a job this old is within what was seen (younger than the longest end)."""
+        if not self._samples:
+            return False
+        return age < self._curve()[0][-1]
+
+    def cdf(self, x: float) -> float:
+        """``P(duration <= x)``; flat past the longest end seen."""
+        if not self._samples:
+            return math.nan
+        xs, fs = self._curve()
+        if x <= xs[0]:
+            return 0.0
+        if x >= xs[-1]:
+            return fs[-1]
+        i = bisect.bisect_right(xs, x)
+        x0, x1 = xs[i - 1], xs[i]
+        return fs[i - 1] + (fs[i] - fs[i - 1]) * (x - x0) / (x1 - x0)
+
+    def median(self) -> float:
+        """The median duration of the jobs seen to end (each at its interval's middle)."""
+        return statistics.median((lo + hi) / 2 for lo, hi in self._samples)
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What the forecast expects of one account, for ``statistics()``.
+
+    Attributes:
+        median_duration: The median duration of its jobs seen to end (seconds), if known.
+        next_completion: Seconds from now until one of its executing jobs has more likely
+            than not dropped off the counts (0: already so); ``None`` when nothing runs
+            or the forecast does not cover it.
+    """
+
+    median_duration: float | None
+    next_completion: float | None
+
+
+class _Job:
+    __slots__ = ("account", "last_seen", "start")
+
+    def __init__(self, account: str | None, start: float, last_seen: float) -> None:
+        self.account = account
+        self.start = start
+        self.last_seen = last_seen
+
+
+class Forecast:
+    """Durations per account, learnt from the snapshots; when the next poll should go."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _Job] = {}
+        self._by_account: dict[str, Durations] = {}
+        self._pooled = Durations(POOLED_KEPT)
+        self._latest: Snapshot | None = None
+        self._previous_at: float | None = None
+
+    # --- learning --------------------------------------------------------------------------
+
+    def observe(self, snapshot: Snapshot) -> None:
+        """Take a snapshot (again, or older than the latest: nothing happens)."""
+        latest = self._latest
+        if latest is not None and snapshot.requested_at <= latest.requested_at:
+            return
+        at = snapshot.requested_at
+        previous = None if latest is None else latest.requested_at
+        listed = set()
+        for job in snapshot.executing:
+            listed.add(job.job_id)
+            known = self._jobs.get(job.job_id)
+            if known is not None:
+                known.last_seen = at
+                continue
+            if job.elapsed_seconds is not None:
+                start = at - job.elapsed_seconds - 0.5  # whole seconds, rounded down
+            elif previous is not None:
+                start = (previous + at) / 2  # first listed now, not before
+            else:
+                continue  # its age is unknown: it teaches nothing
+            self._jobs[job.job_id] = _Job(job.account, start, at)
+        if not snapshot.skipped:  # a row left out may be a job that still runs
+            for job_id in [j for j in self._jobs if j not in listed]:
+                ended = self._jobs.pop(job_id)
+                lo, hi = ended.last_seen - ended.start, at - ended.start
+                if hi - lo <= MAX_CENSOR:
+                    self._learn(ended.account, lo, hi)
+        while len(self._jobs) > MAX_FOLLOWED:
+            del self._jobs[next(iter(self._jobs))]
+        self._latest = snapshot
+        self._previous_at = previous
+        # what still runs is evidence too: durations at least this long
+        ages: dict[str | None, list[float]] = {}
+        for followed in self._jobs.values():
+            ages.setdefault(followed.account, []).append(at - followed.start)
+        self._pooled.running([age for group in ages.values() for age in group])
+        for account, durations in self._by_account.items():
+            durations.running(ages.get(account, []))
+
+    def _learn(self, account: str | None, lo: float, hi: float) -> None:
+        self._pooled.add(lo, hi)
+        if account is not None:
+            durations = self._by_account.get(account)
+            if durations is None:
+                durations = self._by_account[account] = Durations(SAMPLES_KEPT)
+            durations.add(lo, hi)
+
+    @property
+    def ready(self) -> bool:
+        """Whether enough durations are known to forecast anything."""
+        return len(self._pooled) >= MIN_SAMPLES
+
+    def durations(self, account: str | None) -> Durations | None:
+        """The durations that forecast ``account``'s jobs: its own, else everyone's."""
+        own = None if account is None else self._by_account.get(account)
+        if own is not None and len(own) >= MIN_SAMPLES:
+            return own
+        if len(self._pooled) >= MIN_SAMPLES:
+            return self._pooled
+        return None
+
+    # --- predicting ------------------------------------------------------------------------
+
+    def _running(self, accounts: Collection[str] | None) -> Iterable[_Job] | None:
+        """The latest snapshot's jobs on ``accounts`` (all if ``None``); ``None`` if any of
+        them has no forecast (then nothing is predicted)."""
+        latest = self._latest
+        if latest is None:
+            return None
+        jobs = []
+        for listed in latest.executing:
+            job = self._jobs.get(listed.job_id)
+            if accounts is not None and listed.account not in (None, *accounts):
+                continue
+            if job is None:
+                return None
+            durations = self.durations(job.account)
+            if durations is None or not durations.covers(latest.requested_at - job.start):
+                return None  # older than any job seen to end: when it ends is anyone's guess
+            jobs.append(job)
+        return jobs
+
+    def _expected(self, jobs: Iterable[_Job], origin: float, step: float, n: int) -> list[float]:
+        """Slots expected to free in each of ``n`` steps from ``origin``."""
+        freed = [0.0] * n
+        for job in jobs:
+            durations = self.durations(job.account)
+            assert durations is not None  # noqa: S101 - _running() checked
+            age = origin - job.start
+            before = durations.cdf(age)
+            alive = 1.0 - before
+            if alive <= 1e-9:
+                continue
+            for k in range(n):
+                after = durations.cdf(age + (k + 1) * step)
+                freed[k] += (after - before) / alive
+                before = after
+        return freed
+
+    def next_poll(
+        self, *, floor: float, interval: float, accounts: Collection[str] | None = None
+    ) -> float:
+        """When the next poll should go: ``floor`` (the earliest allowed) or later.
+
+        Args:
+            floor: The earliest instant the next poll may go (``poll_interval`` after the
+                last one).
+            interval: The poll interval.
+            accounts: The accounts whose slots matter (``None``: every account).
+        """
+        latest = self._latest
+        jobs = self._running(accounts)
+        if latest is None or not jobs or not self.ready or interval <= 0:
+            return floor  # no history, or nothing listed to forecast: as without one
+        origin = latest.requested_at
+        step = interval * STEP_SHARE
+        width = round(interval / step)
+        first = max(0, math.ceil((floor - origin) / step))  # candidate polls: step indices
+        last = first + MAX_DEFER * width
+        horizon = last + width  # every candidate is judged over the same span
+        freed = self._expected(jobs, origin, step, horizon)
+        # prefix sums of h and of h * s (s: a step's middle, in steps from the origin)
+        mass = [0.0]
+        moment = [0.0]
+        for k, h in enumerate(freed):
+            mass.append(mass[-1] + h)
+            moment.append(moment[-1] + h * (k + 0.5))
+
+        def late(since: int, seen: int) -> float:
+            """Steps late, summed over the slots freed in [since, seen) and seen at seen."""
+            return seen * (mass[seen] - mass[since]) - (moment[seen] - moment[since])
+
+        best, best_cost = first, math.inf
+        for t in range(first, last + 1):
+            # the next poll at t, the ones after it an interval apart, until the horizon
+            cost, since, polls = late(0, t), t, 1
+            while since < horizon:
+                seen = since + width
+                cost += late(since, min(seen, horizon)) + (seen - min(seen, horizon)) * (
+                    mass[min(seen, horizon)] - mass[since]
+                )
+                since, polls = seen, polls + 1
+            total = cost * step + polls * REQUEST_COST
+            if t == first:
+                at_floor = total
+            if total < best_cost - 1e-9:
+                best, best_cost = t, total
+        if best_cost > at_floor - MIN_GAIN:
+            return floor  # a forecast is a guess: move the poll only for a clear gain
+        return max(floor, origin + best * step)
+
+    def probably_freed(self, now: float, lag: float) -> tuple[dict[str, int], float]:
+        """Counts that lag: per account, the listed jobs that have ended by now with a
+        chance of at least :data:`PROBE_CONFIDENCE`; and when the next one will have.
+
+        The latest snapshot shows each account as it was ``lag`` seconds before its
+        request: a job listed there may have ended since, and its slot is free though no
+        count says so yet.
+
+        Returns:
+            ``({account: jobs}, instant the next listed job crosses the line)`` (``inf``
+            when none will, or nothing is known).
+        """
+        latest = self._latest
+        if latest is None or lag <= 0:
+            return {}, math.inf
+        origin = latest.requested_at
+        chances: dict[str, list[float]] = {}
+        soonest = math.inf
+        for listed in latest.executing:
+            job = self._jobs.get(listed.job_id)
+            if job is None or job.account is None:
+                continue
+            durations = self.durations(job.account)
+            if durations is None:
+                continue
+            age = origin - job.start  # its age as the counts saw it
+            if not durations.covers(age):
+                continue  # older than any job seen to end: no guess
+            alive = 1.0 - durations.cdf(age)
+            # the counts saw it `lag` before the origin: since then, lag + (now - origin)
+            ended = (durations.cdf(age + lag + now - origin) - durations.cdf(age)) / alive
+            chances.setdefault(job.account, []).append(ended)
+        freed = {}
+        for account, ps in chances.items():
+            n = _surely_at_least(ps, PROBE_CONFIDENCE)
+            if n:
+                freed[account] = n
+        soonest = now + PROBE_RECHECK if chances else math.inf
+        return freed, soonest
+
+    def outlook(self, account: str, now: float) -> Outlook:
+        """What is known and expected of ``account`` at ``now`` (see :class:`Outlook`)."""
+        own = self._by_account.get(account)
+        median = None if own is None or not own else own.median()
+        latest = self._latest
+        durations = self.durations(account)
+        if latest is None or durations is None:
+            return Outlook(median, None)
+        origin = latest.requested_at
+        alive: list[tuple[float, float]] = []  # (age, chance it runs at the origin)
+        for listed in latest.executing:
+            job = self._jobs.get(listed.job_id)
+            if job is None or job.account != account:
+                continue
+            age = origin - job.start
+            if not durations.covers(age):
+                return Outlook(median, None)
+            alive.append((age, 1.0 - durations.cdf(age)))
+        if not alive:
+            return Outlook(median, None)
+
+        def none_ended(x: float) -> float:
+            chance = 1.0
+            for age, surviving in alive:
+                if surviving <= 1e-9:
+                    return 0.0
+                chance *= (1.0 - durations.cdf(age + x)) / surviving
+            return chance
+
+        lo, hi = 0.0, 1.0
+        while none_ended(hi) > 0.5:
+            if hi > 1e6:  # the jobs are older than what was seen: no guess
+                return Outlook(median, None)
+            lo, hi = hi, hi * 2
+        for _ in range(40):  # bisection to well under a step
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if none_ended(mid) > 0.5 else (lo, mid)
+        return Outlook(median, max(0.0, origin + hi - now))
+
+
+def _surely_at_least(chances: list[float], confidence: float) -> int:
+    """The largest ``k`` with ``P(at least k of the events happened) >= confidence``, the
+    events independent with the given ``chances`` (a Poisson-binomial tail)."""
+    dist = [1.0]  # dist[k] = P(exactly k so far)
+    for p in chances:
+        nxt = [0.0] * (len(dist) + 1)
+        for k, q in enumerate(dist):
+            nxt[k] += q * (1 - p)
+            nxt[k + 1] += q * p
+        dist = nxt
+    tail = 0.0
+    for k in range(len(dist) - 1, 0, -1):
+        tail += dist[k]
+        if tail >= confidence:
+            return k
+    return 0

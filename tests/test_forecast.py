@@ -1,0 +1,253 @@
+"""The forecast: durations learnt from the snapshots, and when the next poll should go."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from capgate import AccountCapacity, ExecutingJob, Snapshot
+from capgate._engine.forecast import (
+    MAX_DEFER,
+    MIN_SAMPLES,
+    Durations,
+    Forecast,
+    _surely_at_least,
+)
+
+
+def snap(at: float, *jobs: tuple[str, str, float], skipped: int = 0) -> Snapshot:
+    """A snapshot requested at ``at`` listing ``(job id, account, elapsed seconds)``."""
+    executing = tuple(
+        ExecutingJob(job_id, account, None, f"{int(e) // 60:02d}:{int(e) % 60:02d}", e)
+        for job_id, account, e in jobs
+    )
+    rows = (AccountCapacity("a", 5, len(executing), 5 - len(executing)),)
+    return Snapshot("kling", rows, executing, at, at, skipped)
+
+
+def learnt(durations: list[float], account: str = "a", gap: float = 5.0) -> Forecast:
+    """A forecast that saw one job per duration start at 0 and end, polled every ``gap``."""
+    forecast = Forecast()
+    at = 0.0
+    ends = sorted(durations)
+    jobs = {f"old-{i}": d for i, d in enumerate(ends)}
+    while jobs:
+        listed = [(j, account, at) for j, d in jobs.items() if d > at]
+        forecast.observe(snap(at, *listed))
+        jobs = {j: d for j, d in jobs.items() if d > at}
+        at += gap
+    forecast.observe(snap(at))
+    return forecast
+
+
+# --- durations ------------------------------------------------------------------------------
+
+
+def test_durations_cdf_runs_from_zero_to_one_over_the_ends_seen():
+    """Ends at 10, 20 and 30 s: nothing below 10, everything by 30, halfway between."""
+    durations = Durations(10)
+    for end in (10, 20, 30):
+        durations.add(end, end)
+    assert durations.cdf(5) == 0.0
+    assert durations.cdf(30) == pytest.approx(1.0)
+    assert 0.3 < durations.cdf(20) < 0.7
+
+
+def test_running_jobs_keep_the_durations_from_looking_short():
+    """Two short jobs ended, and eight still run older than them: Kaplan-Meier does not
+    call the short ones typical."""
+    naive = Durations(10)
+    censored = Durations(10)
+    for d in (naive, censored):
+        d.add(10, 10)
+        d.add(20, 20)
+    censored.running([25.0] * 8)
+    assert naive.cdf(20) == pytest.approx(1.0)
+    assert censored.cdf(20) < 0.25
+
+
+def test_durations_cover_only_ages_below_the_longest_end():
+    """A job older than any job seen to end is beyond what the durations know."""
+    durations = Durations(10)
+    durations.add(40, 45)
+    assert durations.covers(30)
+    assert not durations.covers(50)
+
+
+def test_surely_at_least_is_a_poisson_binomial_tail():
+    """Two events of 0.95 each: both with 0.9025, at least one with 0.9975."""
+    assert _surely_at_least([0.95, 0.95], 0.9) == 2
+    assert _surely_at_least([0.95, 0.95], 0.95) == 1
+    assert _surely_at_least([0.5], 0.9) == 0
+
+
+# --- learning -----------------------------------------------------------------------------
+
+
+def test_a_job_that_drops_off_teaches_its_duration_per_account():
+    """Listed at 0 s old and at 50 s, gone at 55 s: it ran between 50 and 55 s."""
+    forecast = Forecast()
+    forecast.observe(snap(0, ("j1", "a", 0)))
+    forecast.observe(snap(50, ("j1", "a", 50)))
+    forecast.observe(snap(55))
+    durations = forecast._by_account["a"]
+    assert len(durations) == 1
+    assert 50 <= durations.median() <= 56
+
+
+def test_a_snapshot_with_skipped_rows_teaches_no_end():
+    """A job missing from an answer that left rows out may still run."""
+    forecast = Forecast()
+    forecast.observe(snap(0, ("j1", "a", 0)))
+    forecast.observe(snap(5, skipped=1))
+    assert "a" not in forecast._by_account
+
+
+def test_an_older_snapshot_is_ignored():
+    """An answer older than the latest teaches nothing (its absences are stale)."""
+    forecast = Forecast()
+    forecast.observe(snap(10, ("j1", "a", 10)))
+    forecast.observe(snap(5))
+    assert "a" not in forecast._by_account
+
+
+def test_median_duration_and_next_completion_in_the_outlook():
+    """Jobs of 60 s: one listed 50 s old is expected to end about 10 s on."""
+    forecast = learnt([60.0] * MIN_SAMPLES * 2)
+    forecast.observe(snap(1000, ("new", "a", 50)))
+    outlook = forecast.outlook("a", 1000)
+    assert outlook.median_duration == pytest.approx(60, abs=3)
+    assert outlook.next_completion is not None
+    assert 5 <= outlook.next_completion <= 15
+
+
+# --- when to poll -------------------------------------------------------------------------
+
+
+def test_no_history_polls_at_the_floor():
+    """Fewer than MIN_SAMPLES durations: the gate polls as it always did."""
+    forecast = learnt([60.0] * (MIN_SAMPLES - 1))
+    forecast.observe(snap(1000, ("new", "a", 10)))
+    assert forecast.next_poll(floor=1005, interval=5) == 1005
+
+
+def test_nothing_likely_to_free_puts_the_poll_off_at_most_max_defer():
+    """Every job ran 100-110 s and the one running is 10 s old: nothing frees soon."""
+    forecast = learnt([100 + i for i in range(10)])
+    forecast.observe(snap(1000, ("new", "a", 10)))
+    planned = forecast.next_poll(floor=1005, interval=5)
+    assert planned > 1005
+    assert planned <= 1005 + MAX_DEFER * 5
+
+
+def test_a_likely_completion_just_past_the_floor_moves_the_poll_onto_it():
+    """Jobs of exactly 60 s, one 52 s old at 1000: it ends at about 1008, not at the floor
+    (1005) nor at the one after (1010)."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(1000, ("new", "a", 52)))
+    planned = forecast.next_poll(floor=1005, interval=5)
+    assert 1007 <= planned <= 1010
+
+
+def test_completions_spread_evenly_keep_the_floor():
+    """Many jobs of every age: something frees all the time, so polls stay an interval
+    apart."""
+    forecast = learnt([float(d) for d in range(30, 121, 3)])
+    ages = [(f"n{i}", "a", float(a)) for i, a in enumerate(range(0, 120, 4))]
+    forecast.observe(snap(1000, *ages))
+    assert forecast.next_poll(floor=1005, interval=5) == 1005
+
+
+def test_a_job_older_than_any_seen_to_end_keeps_the_floor():
+    """Beyond what was seen the forecast has no guess: the gate polls as it always did."""
+    forecast = learnt([60.0] * 10)
+    forecast.observe(snap(1000, ("old", "a", 200)))
+    assert forecast.next_poll(floor=1005, interval=5) == 1005
+
+
+# --- counts that lag ----------------------------------------------------------------------
+
+
+def test_with_counts_that_lag_a_job_past_its_end_is_probably_freed():
+    """Jobs of 60 s; the counts lag 15 s and show one 55 s old: it has ended by now."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(1000, ("new", "a", 55)))
+    freed, _ = forecast.probably_freed(1000, lag=15)
+    assert freed == {"a": 1}
+
+
+def test_without_lag_nothing_is_probed():
+    """Counts that do not lag need no guess: what they show is what is."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(1000, ("new", "a", 59)))
+    assert forecast.probably_freed(1000, lag=0) == ({}, math.inf)
+
+
+def test_a_young_job_is_not_probed_and_is_looked_at_again_soon():
+    """A job 10 s old of 60 s ones has not ended 15 s on: no probe, but a recheck."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(1000, ("new", "a", 10)))
+    freed, recheck = forecast.probably_freed(1000, lag=15)
+    assert freed == {}
+    assert 1000 < recheck < math.inf
+
+
+def test_jobs_still_running_count_as_evidence_of_long_durations():
+    """Six jobs ended at about 10 s, while twenty started with them still run at 60 s:
+    a job 3 s old is not taken as ended 15 s on (the short ones were the first to end,
+    not the typical ones)."""
+    forecast = Forecast()
+    short = [(f"s{i}", "a", 0.0) for i in range(6)]
+    long = [(f"l{i}", "a", 0.0) for i in range(20)]
+    forecast.observe(snap(0, *short, *long))
+    forecast.observe(snap(10, *[(j, a, 10.0) for j, a, _ in short + long]))
+    forecast.observe(snap(11, *[(j, a, 11.0) for j, a, _ in long]))
+    forecast.observe(snap(60, *[(j, a, 60.0) for j, a, _ in long], ("new", "a", 3)))
+    freed, _ = forecast.probably_freed(60, lag=15)
+    assert freed == {}
+
+
+# --- in the gate ----------------------------------------------------------------------------
+
+
+def test_predictable_jobs_are_polled_for_when_they_end_not_all_along():
+    """One slot, jobs of 60 s: once their length is learnt, a waiting gate polls around
+    each end instead of every poll_interval, and finishes as soon."""
+    from capgate.simulation import Scenario, simulate
+
+    scenario = Scenario(accounts=(1,), jobs=40, duration=(60.0, 61.0), seed=3)
+    result = simulate(scenario, "capgate")
+    every_interval = result.makespan / scenario.poll_interval  # polls without a forecast
+    assert result.polls < 0.6 * every_interval
+    assert result.makespan_ratio is not None
+    assert result.makespan_ratio <= 1.1
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+async def test_invalidate_calls_off_a_poll_put_off_by_the_forecast(make_gate):
+    """A waiter's next poll is put off while the running job is young; invalidate() (a
+    job ended, says a webhook) brings it back to the floor at once."""
+    import anyio
+    import httpx
+
+    gate, fake = make_gate({"a@x.io": 1}, job_duration=60.0, poll_interval=5.0)
+    headers = {"Authorization": f"Bearer {fake.token}"}
+    async with httpx.AsyncClient(transport=fake.transport()) as client:
+
+        async def create(account: str) -> httpx.Response:
+            return await client.post(
+                fake.create_url, json={fake.spec.account_key: account}, headers=headers
+            )
+
+        for _ in range(MIN_SAMPLES + 2):  # one at a time: each waits for the last to end
+            assert (await gate.submit(create)).status_code == 200
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gate.submit, create)
+            await anyio.sleep(6)  # the waiter polled once and saw a young job
+            put_off = gate.statistics().next_poll_in
+            gate.invalidate()
+            called_off = gate.statistics().next_poll_in
+    assert put_off is not None and put_off > 10
+    assert called_off is not None and called_off <= 0.5
