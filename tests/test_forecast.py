@@ -249,5 +249,7 @@ async def test_invalidate_calls_off_a_poll_put_off_by_the_forecast(make_gate):
             put_off = gate.statistics().next_poll_in
             gate.invalidate()
             called_off = gate.statistics().next_poll_in
-    assert put_off is not None and put_off > 10
-    assert called_off is not None and called_off <= 0.5
+    assert put_off is not None
+    assert put_off > 10
+    assert called_off is not None
+    assert called_off <= 0.5
