@@ -326,3 +326,16 @@ def test_capgate_losses_explain_its_gap():
     assert plain.losses.unseen > 0
     assert woken.losses.unseen < plain.losses.unseen
     assert simulate(SMALL, "oracle", oracle=False).losses == Losses()
+
+
+def test_oracle_waits_for_a_faster_account_when_it_ends_sooner():
+    """Per-account durations: the oracle's second job waits 10 s for the 10 s account."""
+    scenario = Scenario(
+        accounts=(1, 1),
+        jobs=2,
+        distribution="lognormal",
+        medians=(10.0, 1000.0),
+        sigma=0.0,
+        duration=(1.0, 2000.0),
+    )
+    assert simulate(scenario, "oracle", oracle=False).makespan == pytest.approx(20.0)

@@ -37,6 +37,7 @@ imported when a simulation runs.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 import random
@@ -998,7 +999,15 @@ async def _run_oracle(env: _Env) -> None:
                 free = {n: fake.max_jobs[n] - max(fake.active(n, now), inflight[n]) for n in names}
             else:
                 free = {n: fake.max_jobs[n] - fake.active(n, now) - inflight[n] for n in names}
-            while queue and queue[-1].arrival <= now:
+            if env.normals is not None:
+                plan = _earliest_finish(env, queue, free, now)
+                if plan:
+                    placed = {id(job) for job, _ in plan}
+                    queue[:] = [j for j in queue if id(j) not in placed]
+                for job, best in plan:
+                    inflight[best] += 1
+                    tg.start_soon(create, job, best)
+            while env.normals is None and queue and queue[-1].arrival <= now:
                 best = max(names, key=lambda n: free[n])
                 if free[best] <= 0:
                     break
@@ -1011,6 +1020,41 @@ async def _run_oracle(env: _Env) -> None:
             wake = changed
             with anyio.move_on_after(max(0.0, min(upcoming, default=now + 1.0) - now)):
                 await wake.wait()
+
+
+def _earliest_finish(
+    env: _Env, queue: list[_Job], free: dict[str, int], now: float
+) -> list[tuple[_Job, str]]:
+    """The oracle's placement when durations depend on the account: the jobs to start now.
+
+    List scheduling by earliest finish: in arrival order, each job that has arrived goes
+    where it would end first, knowing its duration on every account and when each running
+    job ends; it waits for a faster account's slot when that ends sooner than a free slow
+    one. Planning stops once no slot is free now.
+    """
+    assert env.normals is not None  # noqa: S101 - only called for per-account durations
+    scenario, fake = env.scenario, env.fake
+    slots: dict[str, list[float]] = {n: [now] * max(0, free[n]) for n in free}
+    for running in fake.running(now):
+        if len(slots.get(running.account, ())) < fake.max_jobs.get(running.account, 0):
+            slots[running.account].append(running.end)
+    for ends in slots.values():
+        heapq.heapify(ends)
+    plan: list[tuple[_Job, str]] = []
+    for job in reversed(queue):
+        if job.arrival > now or not any(ends and ends[0] <= now for ends in slots.values()):
+            break
+        z = env.normals[job.index]
+        best, finish = "", math.inf
+        for name, ends in slots.items():
+            if ends:
+                end = ends[0] + scenario.duration_on(env.account_index[name], z)
+                if end < finish:
+                    best, finish = name, end
+        if slots[best][0] <= now:
+            plan.append((job, best))
+        heapq.heapreplace(slots[best], finish)
+    return plan
 
 
 _RUNNERS = {
