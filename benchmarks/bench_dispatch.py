@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from capgate.simulation import Scenario, SimulationResult, simulate
+from capgate.simulation import Scenario, SimulationResult, clairvoyant_unseen, simulate
 
 #: the rows of each scenario, in order; capgate+callbacks is capgate with callbacks=True
 DISPATCHERS = (
@@ -192,6 +192,7 @@ LOSS_HEADERS = (
     "seen, unused",
     "lag",
     "rest of gap",
+    "unseen, clairvoyant",
 )
 
 
@@ -226,6 +227,13 @@ def loss_rows(
                     "unseen_slot_s": round(losses.unseen, 1),
                     "unused_slot_s": round(losses.unused, 1),
                     "lag_slot_s": round(losses.lag, 1),
+                    # what perfect poll timing alone could bring "unseen" down to; callbacks
+                    # poll sooner than poll_interval allows, so the bound is for the plain row
+                    "clairvoyant_unseen_slot_s": round(
+                        clairvoyant_unseen(losses.shown, result.scenario.poll_interval), 1
+                    )
+                    if result.dispatcher == "capgate"
+                    else None,
                 }
             )
     return rows
@@ -243,6 +251,9 @@ def loss_table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
             f"{r['unused_slot_s']:,.0f}",
             f"{r['lag_slot_s']:,.0f}",
             "" if r["dispatcher"] == "oracle" else f"{r['gap_slot_s'] - r['lost_slot_s']:,.0f}",
+            ""
+            if r["clairvoyant_unseen_slot_s"] is None
+            else f"{r['clairvoyant_unseen_slot_s']:,.0f}",
         ]
         for r in rows
     ]

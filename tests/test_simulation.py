@@ -15,9 +15,11 @@ from capgate.simulation import (
     Losses,
     Scenario,
     SimulationResult,
+    clairvoyant_unseen,
     run_scenario,
     simulate,
     slot_losses,
+    unseen_delay,
 )
 from capgate.testing import FakeScheduler
 
@@ -339,3 +341,21 @@ def test_oracle_waits_for_a_faster_account_when_it_ends_sooner():
         duration=(1.0, 2000.0),
     )
     assert simulate(scenario, "oracle", oracle=False).makespan == pytest.approx(20.0)
+
+
+def test_clairvoyant_polls_by_hand():
+    """Slots shown at 0, 1 and 10, polls 5 s apart: poll at 1 and 10, 1 s lost in all."""
+    assert clairvoyant_unseen([0.0, 1.0, 10.0], 5.0) == 1.0
+    assert unseen_delay([0.0, 1.0, 10.0], [1.0, 10.0]) == 1.0
+    assert unseen_delay([0.0, 1.0, 10.0], [0.0, 5.0, 10.0]) == 4.0
+
+
+def test_clairvoyant_bound_beats_regular_polls():
+    """On a real run's instants, the clairvoyant schedule beats polls every poll_interval."""
+    result = simulate(SMALL, oracle=False)
+    shown = result.losses.shown
+    assert shown
+    bound = clairvoyant_unseen(shown, SMALL.poll_interval)
+    for offset in (0.0, 1.0, 2.5, 4.0):
+        regular = [offset + k * SMALL.poll_interval for k in range(int(result.makespan / 5) + 2)]
+        assert 0 <= bound <= unseen_delay(shown, regular)

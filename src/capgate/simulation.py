@@ -58,9 +58,11 @@ __all__ = [
     "Scenario",
     "SimulationResult",
     "Timeline",
+    "clairvoyant_unseen",
     "run_scenario",
     "simulate",
     "slot_losses",
+    "unseen_delay",
 ]
 
 #: The dispatchers :func:`simulate` knows, in the order the benchmarks report them.
@@ -333,11 +335,14 @@ class Losses:
         unseen: Slot-seconds freed but not yet seen.
         unused: Slot-seconds seen but no waiter could use them.
         lag: Slot-seconds free but not yet in the service's counts.
+        shown: The instants the counts first showed free a slot that freed while a job
+            of ours waited then, ascending (the input of :func:`clairvoyant_unseen`).
     """
 
     unseen: float = 0.0
     unused: float = 0.0
     lag: float = 0.0
+    shown: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def total(self) -> float:
@@ -382,11 +387,15 @@ def slot_losses(
             changes.setdefault(begin, [0, 0, 0, 0])[kind] += 1
             changes.setdefault(end, [0, 0, 0, 0])[kind] -= 1
 
+    shown_at: list[float] = []
+
     def free(freed: float, taken: float) -> None:
         if polls is None:
             add(1, freed, taken)
             return
         shown = freed + lag  # the first instant the counts show it free
+        if since <= shown < min(taken, until):
+            shown_at.append(shown)
         first = bisect.bisect_left(polls, shown)
         seen = polls[first] if first < len(polls) else math.inf
         add(2, freed, shown)
@@ -404,8 +413,16 @@ def slot_losses(
                 free(idle.pop(0), at)
         for freed in idle:
             free(freed, until)
+    waits = list(waits)
     for arrival, start in waits:
         add(3, arrival, start)
+    arrived = sorted(a for a, _ in waits)
+    started = sorted(s for _, s in waits)
+    shown_waiting = tuple(
+        sorted(
+            x for x in shown_at if bisect.bisect_right(arrived, x) > bisect.bisect_right(started, x)
+        )
+    )
     split = [0.0, 0.0, 0.0]
     counts = [0, 0, 0, 0]
     instants = sorted(changes)
@@ -417,7 +434,81 @@ def slot_losses(
             taken = min(waiting, counts[k])
             split[k] += taken * (after - at)
             waiting -= taken
-    return Losses(unseen=split[0], unused=split[1], lag=split[2])
+    return Losses(unseen=split[0], unused=split[1], lag=split[2], shown=shown_waiting)
+
+
+def unseen_delay(shown: Sequence[float], polls: Sequence[float]) -> float:
+    """The sum, over ``shown`` instants, of the wait for the first poll at or after each.
+
+    Args:
+        shown: When slots became visible in the counts (:attr:`Losses.shown`).
+        polls: Poll instants, ascending.
+
+    Returns:
+        Seconds in all (a shown instant with no poll after it counts nothing).
+    """
+    total = 0.0
+    for x in shown:
+        i = bisect.bisect_left(polls, x)
+        if i < len(polls):
+            total += polls[i] - x
+    return total
+
+
+def clairvoyant_unseen(shown: Sequence[float], interval: float) -> float:
+    """The least :func:`unseen_delay` any poll schedule could reach, knowing ``shown``.
+
+    Polls must be at least ``interval`` apart. A forward search over poll instants: the
+    next poll after one at ``q`` is at ``r = max(q + interval, x)`` for an uncovered
+    instant ``x`` no later than the first uncovered one plus ``interval`` (a later one is
+    never better: a poll could be added in between), and it serves every instant in
+    ``(q, r]``.
+
+    Args:
+        shown: The instants to serve, ascending.
+        interval: The least spacing of polls.
+
+    Returns:
+        Slot-seconds: the sum of the waits from each instant to the poll that serves it.
+    """
+    xs = sorted(shown)
+    if not xs:
+        return 0.0
+    prefix = [0.0, *itertools.accumulate(xs)]
+    n = len(xs)
+    best: dict[float, float] = {}
+    frontier: list[tuple[float, float]] = []  # (poll instant, least cost so far)
+
+    def serve(after: float, at: float) -> float:
+        lo, hi = bisect.bisect_right(xs, after), bisect.bisect_right(xs, at)
+        return max(0.0, (hi - lo) * at - (prefix[hi] - prefix[lo]))  # no -0.0 from rounding
+
+    def push(at: float, cost: float) -> None:
+        if cost < best.get(at, math.inf):
+            best[at] = cost
+            heapq.heappush(frontier, (at, cost))
+
+    for k in range(n):
+        if xs[k] > xs[0] + interval:
+            break
+        push(xs[k], serve(-math.inf, xs[k]))
+    answer = math.inf
+    while frontier:
+        at, cost = heapq.heappop(frontier)
+        if cost > best.get(at, math.inf):
+            continue
+        first = bisect.bisect_right(xs, at)
+        if first == n:
+            answer = min(answer, cost)
+            continue
+        earliest = max(at + interval, xs[first])
+        push(earliest, cost + serve(at, earliest))
+        for k in range(first, n):
+            if xs[k] >= earliest + interval:
+                break
+            if xs[k] > earliest:
+                push(xs[k], cost + serve(at, xs[k]))
+    return answer
 
 
 @dataclass(frozen=True)
