@@ -382,6 +382,31 @@ def test_simulate_json(capsys):
     assert "wall_seconds" in data
 
 
+def test_simulate_plot_marks_every_poll_instant():
+    """The plot's top panel carries one tick per poll, at the instants the polls were made."""
+    from capgate._plot import draw_timeline
+    from capgate.simulation import Scenario, simulate
+
+    result = simulate(Scenario(jobs=40, workers=20, seed=2))
+    fig = draw_timeline(result)
+    try:
+        top = fig.axes[0]
+        (ticks,) = [c for c in top.collections if c.get_label().startswith("polls")]
+        assert ticks.get_label() == f"polls ({result.polls})"
+        xs = [segment[0][0] for segment in ticks.get_segments()]
+        assert xs == pytest.approx(list(result.poll_times))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_simulate_summary_splits_the_idle_time(capsys):
+    """simulate's summary says how much slot-time sat idle while jobs waited, and why."""
+    assert main(["simulate", "--jobs", "30", "--workers", "10"]) == 0
+    assert "slot-s while jobs waited" in capsys.readouterr().out
+
+
 def test_simulate_plot_folder_missing(tmp_path, capsys):
     """--plot into a folder that does not exist is an argument error."""
     with pytest.raises(SystemExit) as info:

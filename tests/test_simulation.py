@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
+import trio
+import trio.testing
 
-from capgate.simulation import DISPATCHERS, Scenario, SimulationResult, simulate
+from capgate.simulation import (
+    DISPATCHERS,
+    Losses,
+    Scenario,
+    SimulationResult,
+    clairvoyant_unseen,
+    run_scenario,
+    simulate,
+    slot_losses,
+    unseen_delay,
+)
+from capgate.testing import FakeScheduler
 
 SMALL = Scenario(name="small", accounts=(3, 2), jobs=30, duration=(30, 90), seed=7)
 
@@ -113,8 +127,24 @@ def test_result_row_and_timeline():
     [
         ({"accounts": ()}, r"^accounts must be a non-empty sequence of maxJobs >= 1$"),
         ({"jobs": 0}, r"^jobs must be >= 1, got 0$"),
-        ({"distribution": "normal"}, r"^distribution must be 'uniform' or 'pareto', got 'normal'$"),
+        (
+            {"distribution": "normal"},
+            r"^distribution must be 'uniform', 'pareto' or 'lognormal', got 'normal'$",
+        ),
         ({"workers": 0}, r"^workers must be >= 1 or None, got 0$"),
+        ({"medians": (60, 60, 60)}, r"^medians apply only to distribution='lognormal'$"),
+        (
+            {"distribution": "lognormal", "medians": (60, 60)},
+            r"^medians must give one median > 0 per account \(3\), got \(60, 60\)$",
+        ),
+        (
+            {"distribution": "lognormal", "medians": (60, 0, 60)},
+            r"^medians must give one median > 0 per account \(3\), got \(60, 0, 60\)$",
+        ),
+        ({"sigma": -0.1}, r"^sigma must be >= 0, got -0.1$"),
+        ({"bursts": -1}, r"^bursts must be a whole number >= 0, got -1$"),
+        ({"bursts": 3}, r"^bursts > 1 need an arrival_window > 0 to spread them over$"),
+        ({"callback_share": 1.5}, r"^callback_share must be within \[0, 1\], got 1.5$"),
     ],
 )
 def test_scenario_validation(kwargs, message):
@@ -157,3 +187,175 @@ def test_the_gate_runs_every_service(service):
     # the oracle is a bound: a sync create (flowmusic, google-flow) held its slot twice there
     assert result.makespan_ratio is not None
     assert result.makespan_ratio >= 0.999
+
+
+# --- issue 16: per-account durations, bursts, a share of callbacks, the loss split ------------
+
+MODELS = Scenario(
+    name="models",
+    accounts=(3, 2),
+    jobs=40,
+    distribution="lognormal",
+    medians=(20.0, 80.0),
+    sigma=0.4,
+    duration=(1.0, 10_000.0),  # wide enough that no draw is cut
+    arrival_window=400.0,
+    bursts=4,
+    callbacks=True,
+    callback_share=1 / 3,
+    seed=3,
+)
+
+
+def _run_with_fake(scenario: Scenario, dispatcher: str) -> FakeScheduler:
+    names = scenario.account_names
+    fake = FakeScheduler(dict(zip(names, scenario.accounts, strict=True)), service="kling")
+
+    async def main() -> None:
+        await run_scenario(scenario, dispatcher, fake=fake)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return fake
+
+
+@pytest.mark.parametrize("dispatcher", ["capgate", "oracle"])
+def test_lognormal_duration_follows_the_account_it_lands_on(dispatcher):
+    """Each job runs median[account] * exp(sigma * z) with its own z, wherever it lands."""
+    fake = _run_with_fake(MODELS, dispatcher)
+    index = {n: i for i, n in enumerate(MODELS.account_names)}
+    seen = sorted(
+        round(math.log((j.end - j.start) / MODELS.medians[index[j.account]]) / MODELS.sigma, 6)
+        for j in fake.jobs.values()
+    )
+    assert seen == sorted(round(z, 6) for z in MODELS.job_normals())
+    assert {j.account for j in fake.jobs.values()} == set(MODELS.account_names)
+
+
+def test_lognormal_with_no_spread_runs_each_account_at_its_median():
+    """sigma=0: every job on an account runs exactly that account's median."""
+    scenario = replace(MODELS, sigma=0.0)
+    fake = _run_with_fake(scenario, "oracle")
+    for job in fake.jobs.values():
+        median = dict(zip(scenario.account_names, scenario.medians or (), strict=True))
+        assert job.end - job.start == pytest.approx(median[job.account], abs=1e-9)
+
+
+def test_lognormal_ideal_makespan_is_a_lower_bound():
+    """With per-account durations the ideal makespan uses the fastest account: a bound."""
+    oracle = simulate(replace(MODELS, arrival_window=0.0, bursts=0), "oracle", oracle=False)
+    assert oracle.ideal_makespan <= oracle.makespan
+
+
+def test_lognormal_runs_repeat_exactly():
+    """A seed gives the same figures for per-account durations, bursts and callbacks."""
+    for dispatcher in ("capgate", "retry-429", "oracle"):
+        first = simulate(MODELS, dispatcher, oracle=False)
+        assert first.to_dict() == simulate(MODELS, dispatcher, oracle=False).to_dict()
+
+
+def test_bursts_arrive_together_at_seeded_instants():
+    """N bursts: N arrival instants, the first at 0, all in the window, jobs a µs apart."""
+    arrivals = MODELS.arrivals()
+    assert arrivals == sorted(arrivals)
+    assert len(set(arrivals)) == len(arrivals)  # distinct instants keep wake-ups ordered
+    bursts = sorted({round(a, 3) for a in arrivals})
+    assert len(bursts) == MODELS.bursts
+    assert bursts[0] == 0.0
+    assert bursts[-1] <= MODELS.arrival_window
+    assert arrivals == replace(MODELS, callbacks=False).arrivals()
+
+
+def test_callback_share_picks_a_seeded_share_of_jobs():
+    """callback_share picks round(share * jobs) jobs, the same ones for a seed."""
+    chosen = MODELS.callback_jobs()
+    assert len(chosen) == round(MODELS.jobs / 3)
+    assert chosen == replace(MODELS, sigma=0.1).callback_jobs()
+    assert chosen != replace(MODELS, seed=4).callback_jobs()
+    assert replace(MODELS, callback_share=1.0).callback_jobs() == frozenset(range(MODELS.jobs))
+
+
+def test_callback_share_zero_is_no_callbacks():
+    """Callbacks on no job give the figures of a run without callbacks."""
+    silent = simulate(replace(SMALL, callbacks=True, callback_share=0.0), oracle=False)
+    plain = simulate(SMALL, oracle=False)
+    assert silent.makespan == plain.makespan
+    assert silent.requests == plain.requests
+
+
+def test_poll_instants_are_recorded():
+    """Every capacity answer's instant is kept: one per poll, ascending, within the run."""
+    result = simulate(SMALL, oracle=False)
+    assert len(result.poll_times) == result.polls
+    assert list(result.poll_times) == sorted(result.poll_times)
+    assert 0 <= result.poll_times[0] <= result.poll_times[-1] <= result.makespan
+    assert simulate(SMALL, "retry-429", oracle=False).poll_times == ()
+
+
+def test_losses_by_hand():
+    """A slot freed at 10 with 3 s of lag, polls at 12 and 16, a job waiting 5-17: 3/3/1."""
+    losses = slot_losses(
+        {"a": 1},
+        [("a", 0.0, 10.0), ("a", 17.0, 20.0)],
+        [(0.0, 0.0), (5.0, 17.0)],
+        [0.0, 12.0, 16.0],
+        lag=3.0,
+        until=20.0,
+    )
+    assert losses == Losses(unseen=3.0, unused=1.0, lag=3.0)
+    assert losses.total == 7.0
+
+
+def test_losses_count_only_while_a_job_waits():
+    """Free slot-time with nobody waiting is no loss; one waiter is one slot's worth."""
+    runs = [("a", 0.0, 4.0), ("a", 0.0, 8.0)]
+    # two slots free from 4 and 8; one job waits from 2 to 10, the first poll after is at 6
+    losses = slot_losses({"a": 2}, runs, [(2.0, 10.0)], [0.0, 6.0, 12.0], until=10.0)
+    assert losses == Losses(unseen=2.0, unused=4.0, lag=0.0)
+    assert slot_losses({"a": 2}, runs, [], [0.0], until=10.0) == Losses()
+
+
+def test_losses_of_a_dispatcher_that_sees_at_once_are_all_unused():
+    """polls=None (the oracle): a free slot is seen the instant it frees."""
+    losses = slot_losses({"a": 1}, [("a", 0.0, 5.0)], [(3.0, 6.0)], None, lag=9.0, until=6.0)
+    assert losses == Losses(unused=1.0)
+
+
+def test_capgate_losses_explain_its_gap():
+    """On SMALL, capgate's lost slot-seconds are freed-but-unseen, and callbacks cut them."""
+    plain = simulate(SMALL)
+    woken = simulate(replace(SMALL, callbacks=True))
+    assert plain.losses.lag == 0.0
+    assert plain.losses.unseen > 0
+    assert woken.losses.unseen < plain.losses.unseen
+    assert simulate(SMALL, "oracle", oracle=False).losses == Losses()
+
+
+def test_oracle_waits_for_a_faster_account_when_it_ends_sooner():
+    """Per-account durations: the oracle's second job waits 10 s for the 10 s account."""
+    scenario = Scenario(
+        accounts=(1, 1),
+        jobs=2,
+        distribution="lognormal",
+        medians=(10.0, 1000.0),
+        sigma=0.0,
+        duration=(1.0, 2000.0),
+    )
+    assert simulate(scenario, "oracle", oracle=False).makespan == pytest.approx(20.0)
+
+
+def test_clairvoyant_polls_by_hand():
+    """Slots shown at 0, 1 and 10, polls 5 s apart: poll at 1 and 10, 1 s lost in all."""
+    assert clairvoyant_unseen([0.0, 1.0, 10.0], 5.0) == 1.0
+    assert unseen_delay([0.0, 1.0, 10.0], [1.0, 10.0]) == 1.0
+    assert unseen_delay([0.0, 1.0, 10.0], [0.0, 5.0, 10.0]) == 4.0
+
+
+def test_clairvoyant_bound_beats_regular_polls():
+    """On a real run's instants, the clairvoyant schedule beats polls every poll_interval."""
+    result = simulate(SMALL, oracle=False)
+    shown = result.losses.shown
+    assert shown
+    bound = clairvoyant_unseen(shown, SMALL.poll_interval)
+    for offset in (0.0, 1.0, 2.5, 4.0):
+        regular = [offset + k * SMALL.poll_interval for k in range(int(result.makespan / 5) + 2)]
+        assert 0 <= bound <= unseen_delay(shown, regular)

@@ -321,6 +321,14 @@ def _summary(
         "HTTP requests",
         f"{result.requests}  = {result.requests_per_job:.2f} per job (polls + creates)",
     )
+    if result.poll_times:  # a simulation (the demo records no poll instants)
+        lost = result.losses
+        table.add_row(
+            "idle slot-time",
+            f"{lost.total:,.0f} slot-s while jobs waited: {lost.unseen:,.0f} freed but not yet "
+            "seen, "
+            f"{lost.unused:,.0f} seen but unused, {lost.lag:,.0f} lag (counts behind)",
+        )
     table.add_row(
         "429s",
         Text(f"{result.rejected_429}", style="bold red" if result.rejected_429 else "bold green"),

@@ -7,10 +7,11 @@ to a file with no display.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .simulation import SimulationResult
 
-__all__ = ["plot_timeline"]
+__all__ = ["draw_timeline", "plot_timeline"]
 
 
 def plot_timeline(result: SimulationResult, path: str) -> str:
@@ -24,6 +25,27 @@ def plot_timeline(result: SimulationResult, path: str) -> str:
 
     Returns:
         The path written, which is what to tell the user.
+    """
+    fig = draw_timeline(result)  # first: it picks the Agg backend
+    import matplotlib.pyplot as plt
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "simulate.png")
+    elif not os.path.splitext(path)[1]:
+        path += ".png"  # what matplotlib would do, said out loud
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def draw_timeline(result: SimulationResult) -> Any:
+    """The figure :func:`plot_timeline` writes (a matplotlib ``Figure``; close it after).
+
+    Besides busy slots and waiting jobs it marks every poll instant with a tick at the
+    foot of the top panel: the gate's poll timing at work (bunched after completions it
+    expects, spread out when nothing is due).
     """
     import matplotlib
 
@@ -60,11 +82,24 @@ def plot_timeline(result: SimulationResult, path: str) -> str:
         va="bottom",
         fontsize=9,
     )
+    if result.poll_times:
+        polls = [t / scale for t in result.poll_times]
+        # x in data, y in axes fraction: a rug of ticks along the bottom edge
+        top.vlines(
+            polls,
+            0,
+            0.05,
+            transform=top.get_xaxis_transform(),
+            color="black",
+            linewidth=0.6,
+            label=f"polls ({len(polls)})",
+        )
     top.set_ylabel("slots busy")
     top.set_ylim(0, capacity * 1.3)
     top.legend(loc="upper left", fontsize=8, ncols=min(3, len(labels)), frameon=False)
     top.grid(alpha=0.3)
     low, high = scenario.duration
+    lost = result.losses
     workers = scenario.workers or scenario.jobs
     oracle = (
         "" if result.oracle_makespan is None else f", oracle {result.oracle_makespan / scale:.1f}"
@@ -74,7 +109,9 @@ def plot_timeline(result: SimulationResult, path: str) -> str:
         f"poll every {scenario.poll_interval:g} s (virtual time)\n"
         f"makespan {result.makespan / scale:.1f} {unit} (ideal "
         f"{result.ideal_makespan / scale:.1f}{oracle}), utilisation {result.utilisation:.1%}, "
-        f"{result.polls} polls, 429s: {result.rejected_429}",
+        f"{result.polls} polls, 429s: {result.rejected_429}\n"
+        f"slot-seconds idle while jobs waited: {lost.unseen:,.0f} freed but not yet seen, "
+        f"{lost.unused:,.0f} seen but unused, {lost.lag:,.0f} lag",
         fontsize=10,
     )
     bottom.step(xs, timeline.waiting, where="post", color="tab:gray")
@@ -84,10 +121,4 @@ def plot_timeline(result: SimulationResult, path: str) -> str:
     bottom.set_xlim(0, xs[-1] if xs else 1)
     bottom.set_ylim(0, max(1, max(timeline.waiting, default=0)) * 1.1)
     bottom.grid(alpha=0.3)
-    if os.path.isdir(path):
-        path = os.path.join(path, "simulate.png")
-    elif not os.path.splitext(path)[1]:
-        path += ".png"  # what matplotlib would do, said out loud
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

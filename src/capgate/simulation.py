@@ -37,10 +37,11 @@ imported when a simulation runs.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -53,11 +54,15 @@ from .testing import FakeScheduler
 
 __all__ = [
     "DISPATCHERS",
+    "Losses",
     "Scenario",
     "SimulationResult",
     "Timeline",
+    "clairvoyant_unseen",
     "run_scenario",
     "simulate",
+    "slot_losses",
+    "unseen_delay",
 ]
 
 #: The dispatchers :func:`simulate` knows, in the order the benchmarks report them.
@@ -78,13 +83,23 @@ class Scenario:
         accounts: ``maxJobs`` of each account (accounts are named ``acct000@sim.test``…).
         jobs: How many jobs to get through.
         duration: ``(low, high)`` seconds a job runs.
-        distribution: ``"uniform"`` over ``duration``, or ``"pareto"``: ``low`` times a
-            Pareto variate of shape ``pareto_alpha``, cut at ``high`` (heavy-tailed).
+        distribution: ``"uniform"`` over ``duration``; ``"pareto"``: ``low`` times a
+            Pareto variate of shape ``pareto_alpha``, cut at ``high`` (heavy-tailed); or
+            ``"lognormal"``: ``medians[account] * exp(sigma * z)``, cut to ``duration``,
+            where ``z`` is a standard normal drawn per job, so a job's duration depends on
+            the account it lands on (as different models on different accounts do).
         pareto_alpha: The Pareto shape (smaller is heavier; 1.5 has a mean of 3x ``low``).
+        medians: With ``"lognormal"``: the median duration on each account, in the order of
+            ``accounts``; ``None``: the geometric mean of ``duration`` on every account.
+        sigma: With ``"lognormal"``: the spread of ``log(duration)``.
         seed: Seeds every random draw: durations, arrivals, outside load, choices, jitter.
         poll_interval: The gate's ``poll_interval``.
         workers: Concurrent submitting tasks; ``None`` for one per job.
-        arrival_window: Jobs arrive uniformly over this many seconds; 0: all at once.
+        arrival_window: Jobs arrive over this many seconds (uniformly, or in ``bursts``);
+            0: all at once.
+        bursts: 0: arrivals spread uniformly over ``arrival_window``; N >= 1: jobs arrive in
+            N bursts, the first at 0 and the others at seeded instants over the window, each
+            job in a burst drawn at random (a person or a program submitting a batch).
         outside_jobs: Jobs started from outside the gate, on random accounts at random
             times, each only if its account has room then (a person on the provider's site).
         outside_window: Seconds over which outside jobs arrive; ``None``: the time the jobs
@@ -93,6 +108,8 @@ class Scenario:
         latency: Seconds every request takes; with outside load a slot can then be taken
             between a poll and the create that follows it.
         callbacks: Completion callbacks call ``gate.invalidate()`` (capgate only).
+        callback_share: With ``callbacks``: the share of our jobs (chosen seeded) whose
+            completion calls back; 1.0: every one.
         service: The useapi.net service whose field names the fake speaks.
     """
 
@@ -102,15 +119,19 @@ class Scenario:
     duration: tuple[float, float] = (30.0, 120.0)
     distribution: str = "uniform"
     pareto_alpha: float = 1.5
+    medians: tuple[float, ...] | None = None
+    sigma: float = 0.5
     seed: int = 0
     poll_interval: float = 5.0
     workers: int | None = None
     arrival_window: float = 0.0
+    bursts: int = 0
     outside_jobs: int = 0
     outside_window: float | None = None
     lag: float = 0.0
     latency: float = 0.0
     callbacks: bool = False
+    callback_share: float = 1.0
     service: str = "kling"
 
     def __post_init__(self) -> None:
@@ -127,18 +148,37 @@ class Scenario:
                 f"duration must be (low, high) with 0 < low <= high, got {self.duration}"
             )
         object.__setattr__(self, "duration", (float(low), float(high)))
-        if self.distribution not in ("uniform", "pareto"):
+        if self.distribution not in ("uniform", "pareto", "lognormal"):
             raise ValueError(
-                f"distribution must be 'uniform' or 'pareto', got {self.distribution!r}"
+                "distribution must be 'uniform', 'pareto' or 'lognormal', "
+                f"got {self.distribution!r}"
             )
         if self.pareto_alpha <= 0:
             raise ValueError(f"pareto_alpha must be > 0, got {self.pareto_alpha}")
+        if self.medians is not None:
+            if self.distribution != "lognormal":
+                raise ValueError("medians apply only to distribution='lognormal'")
+            medians = tuple(float(m) for m in self.medians)
+            if len(medians) != len(self.accounts) or not all(0 < m < math.inf for m in medians):
+                raise ValueError(
+                    f"medians must give one median > 0 per account ({len(self.accounts)}), "
+                    f"got {self.medians}"
+                )
+            object.__setattr__(self, "medians", medians)
+        if not (0 <= self.sigma < math.inf):
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {self.poll_interval}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1 or None, got {self.workers}")
         if min(self.arrival_window, self.outside_jobs, self.lag, self.latency) < 0:
             raise ValueError("arrival_window, outside_jobs, lag and latency must be >= 0")
+        if isinstance(self.bursts, bool) or not isinstance(self.bursts, int) or self.bursts < 0:
+            raise ValueError(f"bursts must be a whole number >= 0, got {self.bursts!r}")
+        if self.bursts > 1 and self.arrival_window <= 0:
+            raise ValueError("bursts > 1 need an arrival_window > 0 to spread them over")
+        if not (0 <= self.callback_share <= 1):
+            raise ValueError(f"callback_share must be within [0, 1], got {self.callback_share}")
 
     # --- what it draws (the same for every dispatcher) ----------------------------------
 
@@ -153,23 +193,78 @@ class Scenario:
         """The sum of ``maxJobs``."""
         return sum(self.accounts)
 
-    def _draw(self, rng: random.Random) -> float:
+    @property
+    def per_account(self) -> bool:
+        """Whether a job's duration depends on the account it runs on (``"lognormal"``)."""
+        return self.distribution == "lognormal"
+
+    def median_on(self, account: int) -> float:
+        """The median duration on account number ``account`` (``"lognormal"``)."""
+        if self.medians is not None:
+            return self.medians[account]
+        low, high = self.duration
+        return math.sqrt(low * high)
+
+    def duration_on(self, account: int, z: float) -> float:
+        """A ``"lognormal"`` duration: ``median_on(account) * exp(sigma * z)``, cut to
+        ``duration``. ``z`` is the job's standard normal (:meth:`job_normals`)."""
+        low, high = self.duration
+        return min(high, max(low, self.median_on(account) * math.exp(self.sigma * z)))
+
+    def _draw(self, rng: random.Random, account: int = 0) -> float:
         low, high = self.duration
         if self.distribution == "pareto":
             return min(high, low * rng.paretovariate(self.pareto_alpha))
+        if self.distribution == "lognormal":
+            return self.duration_on(account, rng.normalvariate(0.0, 1.0))
         return rng.uniform(low, high)
 
+    def job_normals(self) -> list[float]:
+        """Each job's standard normal ``z``, in arrival order (``"lognormal"``): the same for
+        every dispatcher, so the job that runs on a slower account runs longer for all."""
+        rng = random.Random(f"{self.seed}:durations")
+        return [rng.normalvariate(0.0, 1.0) for _ in range(self.jobs)]
+
     def job_durations(self) -> list[float]:
-        """Each job's duration in seconds, in arrival order."""
+        """Each job's duration in seconds, in arrival order.
+
+        With ``"lognormal"`` durations depend on the account a job lands on, which is known
+        only when it is created: this gives each job's duration on its fastest account,
+        which keeps :meth:`ideal_makespan` a lower bound.
+        """
+        if self.per_account:
+            fastest = min(range(len(self.accounts)), key=self.median_on)
+            return [self.duration_on(fastest, z) for z in self.job_normals()]
         rng = random.Random(f"{self.seed}:durations")
         return [self._draw(rng) for _ in range(self.jobs)]
 
     def arrivals(self) -> list[float]:
-        """Each job's arrival, in seconds from the start, ascending."""
+        """Each job's arrival, in seconds from the start, ascending.
+
+        In a burst the jobs arrive a microsecond apart, in job order: distinct instants keep
+        the workers' wake-ups in one order from run to run (see ``_Nudge``).
+        """
         if self.arrival_window <= 0:
             return [0.0] * self.jobs
         rng = random.Random(f"{self.seed}:arrivals")
-        return sorted(rng.uniform(0, self.arrival_window) for _ in range(self.jobs))
+        if self.bursts < 1:
+            return sorted(rng.uniform(0, self.arrival_window) for _ in range(self.jobs))
+        later = sorted(rng.uniform(0, self.arrival_window) for _ in range(self.bursts - 1))
+        instants = [0.0, *later]
+        sizes = [0] * self.bursts
+        for _ in range(self.jobs):
+            sizes[rng.randrange(self.bursts)] += 1
+        return [
+            at + k * 1e-6 for at, size in zip(instants, sizes, strict=True) for k in range(size)
+        ]
+
+    def callback_jobs(self) -> frozenset[int]:
+        """The jobs (by index in arrival order) whose completion calls back, with
+        ``callbacks``: ``round(callback_share * jobs)`` of them, chosen seeded."""
+        if self.callback_share >= 1:
+            return frozenset(range(self.jobs))
+        rng = random.Random(f"{self.seed}:callbacks")
+        return frozenset(rng.sample(range(self.jobs), round(self.callback_share * self.jobs)))
 
     def ideal_makespan(self) -> float:
         """A lower bound ignoring outside load: ``max(total work / capacity, longest job)``."""
@@ -185,10 +280,12 @@ class Scenario:
         if window is None:
             window = sum(self.job_durations()) / self.capacity
         names = self.account_names
-        return sorted(
-            (rng.uniform(0, window), rng.choice(names), self._draw(rng))
-            for _ in range(self.outside_jobs)
-        )
+        load = []
+        for _ in range(self.outside_jobs):
+            at = rng.uniform(0, window)
+            name = rng.choice(names)
+            load.append((at, name, self._draw(rng, names.index(name))))
+        return sorted(load)
 
 
 @dataclass(frozen=True)
@@ -217,6 +314,204 @@ class Timeline:
 
 
 @dataclass(frozen=True)
+class Losses:
+    """Slot-seconds a run left idle while jobs of ours waited, split by why.
+
+    At each instant, the free slots (by the service's true state) are sorted into three
+    kinds, and as many of them as there are jobs of ours waiting (arrived, not yet started)
+    count as lost, taking ``unused`` ones first, then ``unseen``, then ``lag`` (the slot the
+    dispatcher could have used is the one to blame). A slot freed at ``f`` is, at ``t``:
+
+    - ``lag`` while ``t < f + lag``: the service's counts do not show it free yet;
+    - ``unseen`` from ``f + lag`` until the first poll answered at or after ``f + lag``
+      ("freed but not yet seen": a poll then would have shown it);
+    - ``unused`` from that poll on ("seen but no waiter could use it": the dispatcher had
+      the news but had not started a job there, e.g. the create was still in flight).
+
+    Slots free from the start count as freed long ago (no ``lag``); which free slot a start
+    takes is the longest free on its account. See ``benchmarks/README.md``.
+
+    Attributes:
+        unseen: Slot-seconds freed but not yet seen.
+        unused: Slot-seconds seen but no waiter could use them.
+        lag: Slot-seconds free but not yet in the service's counts.
+        shown: The instants the counts first showed free a slot that freed while a job
+            of ours waited then, ascending (the input of :func:`clairvoyant_unseen`).
+    """
+
+    unseen: float = 0.0
+    unused: float = 0.0
+    lag: float = 0.0
+    shown: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def total(self) -> float:
+        """All three."""
+        return self.unseen + self.unused + self.lag
+
+
+def slot_losses(
+    capacity: Mapping[str, int],
+    runs: Iterable[tuple[str, float, float]],
+    waits: Iterable[tuple[float, float]],
+    polls: Sequence[float] | None,
+    *,
+    lag: float = 0.0,
+    since: float = 0.0,
+    until: float,
+) -> Losses:
+    """The slot-seconds lost between ``since`` and ``until``, split as :class:`Losses` says.
+
+    Args:
+        capacity: ``maxJobs`` per account.
+        runs: Every job that ran, ours and outside ones, as ``(account, start, end)``.
+        waits: Each job of ours as ``(arrival, start)``.
+        polls: The instants capacity answers were given, ascending; ``None`` for a
+            dispatcher that sees every change the instant it happens (the oracle: then every
+            free slot counts as ``unused``).
+        lag: How old the service's counts are.
+        since: The start of the run.
+        until: Its end (the makespan's instant).
+
+    Returns:
+        The three shares, in slot-seconds.
+    """
+    by_account: dict[str, list[tuple[float, int]]] = {a: [] for a in capacity}
+    for account, start, end in runs:
+        by_account[account] += [(start, 1), (end, 0)]  # an end frees before a start takes
+    changes: dict[float, list[int]] = {}  # instant -> [unseen, unused, lag, waiting] deltas
+
+    def add(kind: int, begin: float, end: float) -> None:
+        begin, end = max(begin, since), min(end, until)
+        if begin < end:
+            changes.setdefault(begin, [0, 0, 0, 0])[kind] += 1
+            changes.setdefault(end, [0, 0, 0, 0])[kind] -= 1
+
+    shown_at: list[float] = []
+
+    def free(freed: float, taken: float) -> None:
+        if polls is None:
+            add(1, freed, taken)
+            return
+        shown = freed + lag  # the first instant the counts show it free
+        if since <= shown < min(taken, until):
+            shown_at.append(shown)
+        first = bisect.bisect_left(polls, shown)
+        seen = polls[first] if first < len(polls) else math.inf
+        add(2, freed, shown)
+        add(0, shown, seen)
+        add(1, seen, taken)
+
+    for account, events in by_account.items():
+        idle: list[float] = [-math.inf] * capacity[account]  # freed instants, oldest first
+        for at, kind in sorted(events):
+            if at >= until:
+                break
+            if kind == 0:
+                idle.append(at)
+            elif idle:
+                free(idle.pop(0), at)
+        for freed in idle:
+            free(freed, until)
+    waits = list(waits)
+    for arrival, start in waits:
+        add(3, arrival, start)
+    arrived = sorted(a for a, _ in waits)
+    started = sorted(s for _, s in waits)
+    shown_waiting = tuple(
+        sorted(
+            x for x in shown_at if bisect.bisect_right(arrived, x) > bisect.bisect_right(started, x)
+        )
+    )
+    split = [0.0, 0.0, 0.0]
+    counts = [0, 0, 0, 0]
+    instants = sorted(changes)
+    for at, after in itertools.pairwise(instants):
+        for k, delta in enumerate(changes[at]):
+            counts[k] += delta
+        waiting = counts[3]
+        for k in (1, 0, 2):  # the dispatcher is blamed first for what it had seen
+            taken = min(waiting, counts[k])
+            split[k] += taken * (after - at)
+            waiting -= taken
+    return Losses(unseen=split[0], unused=split[1], lag=split[2], shown=shown_waiting)
+
+
+def unseen_delay(shown: Sequence[float], polls: Sequence[float]) -> float:
+    """The sum, over ``shown`` instants, of the wait for the first poll at or after each.
+
+    Args:
+        shown: When slots became visible in the counts (:attr:`Losses.shown`).
+        polls: Poll instants, ascending.
+
+    Returns:
+        Seconds in all (a shown instant with no poll after it counts nothing).
+    """
+    total = 0.0
+    for x in shown:
+        i = bisect.bisect_left(polls, x)
+        if i < len(polls):
+            total += polls[i] - x
+    return total
+
+
+def clairvoyant_unseen(shown: Sequence[float], interval: float) -> float:
+    """The least :func:`unseen_delay` any poll schedule could reach, knowing ``shown``.
+
+    Polls must be at least ``interval`` apart. A forward search over poll instants: the
+    next poll after one at ``q`` is at ``r = max(q + interval, x)`` for an uncovered
+    instant ``x`` no later than the first uncovered one plus ``interval`` (a later one is
+    never better: a poll could be added in between), and it serves every instant in
+    ``(q, r]``.
+
+    Args:
+        shown: The instants to serve, ascending.
+        interval: The least spacing of polls.
+
+    Returns:
+        Slot-seconds: the sum of the waits from each instant to the poll that serves it.
+    """
+    xs = sorted(shown)
+    if not xs:
+        return 0.0
+    prefix = [0.0, *itertools.accumulate(xs)]
+    n = len(xs)
+    best: dict[float, float] = {}
+    frontier: list[tuple[float, float]] = []  # (poll instant, least cost so far)
+
+    def serve(after: float, at: float) -> float:
+        lo, hi = bisect.bisect_right(xs, after), bisect.bisect_right(xs, at)
+        return max(0.0, (hi - lo) * at - (prefix[hi] - prefix[lo]))  # no -0.0 from rounding
+
+    def push(at: float, cost: float) -> None:
+        if cost < best.get(at, math.inf):
+            best[at] = cost
+            heapq.heappush(frontier, (at, cost))
+
+    for k in range(n):
+        if xs[k] > xs[0] + interval:
+            break
+        push(xs[k], serve(-math.inf, xs[k]))
+    answer = math.inf
+    while frontier:
+        at, cost = heapq.heappop(frontier)
+        if cost > best.get(at, math.inf):
+            continue
+        first = bisect.bisect_right(xs, at)
+        if first == n:
+            answer = min(answer, cost)
+            continue
+        earliest = max(at + interval, xs[first])
+        push(earliest, cost + serve(at, earliest))
+        for k in range(first, n):
+            if xs[k] >= earliest + interval:
+                break
+            if xs[k] > earliest:
+                push(xs[k], cost + serve(at, xs[k]))
+    return answer
+
+
+@dataclass(frozen=True)
 class SimulationResult:
     """What one dispatcher did on one scenario. Times are seconds from the start.
 
@@ -237,6 +532,8 @@ class SimulationResult:
         rejected_429: Create requests refused with 429.
         outside_started: Outside jobs that found room and ran.
         timeline: Slots and waiting workers over time, for plots.
+        poll_times: When each capacity answer was given (seconds from the start).
+        losses: Slot-seconds left idle while jobs of ours waited, by why (:class:`Losses`).
     """
 
     scenario: Scenario
@@ -254,6 +551,8 @@ class SimulationResult:
     rejected_429: int
     outside_started: int
     timeline: Timeline = field(repr=False, compare=False)
+    poll_times: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    losses: Losses = field(default_factory=Losses)
 
     @property
     def makespan_ratio(self) -> float | None:
@@ -290,6 +589,9 @@ class SimulationResult:
             "requests_per_job": round(self.requests_per_job, 3),
             "rejected_429": self.rejected_429,
             "outside_started": self.outside_started,
+            "lost_unseen": round(self.losses.unseen, 3),
+            "lost_unused": round(self.losses.unused, 3),
+            "lost_lag": round(self.losses.lag, 3),
             "params": {k: v for k, v in asdict(self.scenario).items() if k != "name"},
         }
 
@@ -488,9 +790,14 @@ class _Env:
                 zip(scenario.arrivals(), scenario.job_durations(), strict=True)
             )
         ]
+        # "lognormal": a job's duration is set by the account it lands on, at create time
+        self.normals = scenario.job_normals() if scenario.per_account else None
+        self.account_index = {n: i for i, n in enumerate(scenario.account_names)}
+        self.by_id: dict[str, _Job] = {}  # the fake's job id -> our job
         self._next = 0
         self.requests0 = fake.requests
         self.polls0 = fake.polls
+        self.poll_times0 = len(fake.poll_times)
         self.rejected0 = fake.rejected_429
         for at, account, duration in scenario.outside_load():
             fake.add_outside_job(account, duration, at=self.t0 + at)
@@ -520,15 +827,22 @@ class _Env:
 
     async def post(self, job: _Job, account: str) -> httpx.Response:
         """The create request; on success the job's start and end are recorded."""
+        duration = job.duration
+        if self.normals is not None:
+            duration = self.scenario.duration_on(
+                self.account_index[account], self.normals[job.index]
+            )
         response = await self.client.post(
             self.create_url,
-            json={self.spec.account_key: account, "duration": job.duration},
+            json={self.spec.account_key: account, "duration": duration},
             headers=self.headers,
         )
         if response.is_success:  # 200, or 201 (mureka)
             job_id = self.spec.job_id_from(response.json())
             made = self.fake.jobs[str(job_id)]
             job.start, job.end, job.account = made.start, made.end, account
+            job.duration = duration
+            self.by_id[made.job_id] = job
         elif response.status_code != 429:
             raise RuntimeError(f"create answered HTTP {response.status_code}: {response.text}")
         return response
@@ -556,6 +870,18 @@ class _Env:
         free_slot_seconds = scenario.capacity * makespan - outside_busy
         waits = sorted(j.start - j.arrival for j in jobs)
         rank = max(0, math.ceil(0.99 * len(waits)) - 1)
+        polls = fake.poll_times[self.poll_times0 :]
+        oracle = label == "oracle"  # sees every change at once, lag or not
+        losses = slot_losses(
+            fake.max_jobs,
+            [(j.account, j.start, j.end) for j in jobs]
+            + [(o.account, o.start, o.end) for o in outside],
+            [(j.arrival, j.start) for j in jobs],
+            None if oracle else polls,
+            lag=0.0 if oracle else scenario.lag,
+            since=t0,
+            until=horizon,
+        )
         return SimulationResult(
             scenario=scenario,
             dispatcher=label,
@@ -572,6 +898,8 @@ class _Env:
             rejected_429=fake.rejected_429 - self.rejected0,
             outside_started=len(outside),
             timeline=self._timeline(makespan, outside),
+            poll_times=tuple(p - t0 for p in polls),
+            losses=losses,
         )
 
     def _timeline(self, makespan: float, outside: Sequence[Any], samples: int = 240) -> Timeline:
@@ -669,8 +997,12 @@ async def _run_capgate(env: _Env) -> None:
                 continue  # every attempt met 429: wait for a slot again
             return
 
+    calling_back = scenario.callback_jobs()
+
     async def on_done(job: Any) -> None:
-        if not job.outside:  # useapi calls back only for the jobs we created
+        # useapi calls back only for the jobs we created, and only those given a replyUrl
+        ours = env.by_id.get(job.job_id)
+        if ours is not None and ours.index in calling_back:
             gate.invalidate()
 
     try:
@@ -758,7 +1090,15 @@ async def _run_oracle(env: _Env) -> None:
                 free = {n: fake.max_jobs[n] - max(fake.active(n, now), inflight[n]) for n in names}
             else:
                 free = {n: fake.max_jobs[n] - fake.active(n, now) - inflight[n] for n in names}
-            while queue and queue[-1].arrival <= now:
+            if env.normals is not None:
+                plan = _earliest_finish(env, queue, free, now)
+                if plan:
+                    placed = {id(job) for job, _ in plan}
+                    queue[:] = [j for j in queue if id(j) not in placed]
+                for job, best in plan:
+                    inflight[best] += 1
+                    tg.start_soon(create, job, best)
+            while env.normals is None and queue and queue[-1].arrival <= now:
                 best = max(names, key=lambda n: free[n])
                 if free[best] <= 0:
                     break
@@ -771,6 +1111,41 @@ async def _run_oracle(env: _Env) -> None:
             wake = changed
             with anyio.move_on_after(max(0.0, min(upcoming, default=now + 1.0) - now)):
                 await wake.wait()
+
+
+def _earliest_finish(
+    env: _Env, queue: list[_Job], free: dict[str, int], now: float
+) -> list[tuple[_Job, str]]:
+    """The oracle's placement when durations depend on the account: the jobs to start now.
+
+    List scheduling by earliest finish: in arrival order, each job that has arrived goes
+    where it would end first, knowing its duration on every account and when each running
+    job ends; it waits for a faster account's slot when that ends sooner than a free slow
+    one. Planning stops once no slot is free now.
+    """
+    assert env.normals is not None  # noqa: S101 - only called for per-account durations
+    scenario, fake = env.scenario, env.fake
+    slots: dict[str, list[float]] = {n: [now] * max(0, free[n]) for n in free}
+    for running in fake.running(now):
+        if len(slots.get(running.account, ())) < fake.max_jobs.get(running.account, 0):
+            slots[running.account].append(running.end)
+    for ends in slots.values():
+        heapq.heapify(ends)
+    plan: list[tuple[_Job, str]] = []
+    for job in reversed(queue):
+        if job.arrival > now or not any(ends and ends[0] <= now for ends in slots.values()):
+            break
+        z = env.normals[job.index]
+        best, finish = "", math.inf
+        for name, ends in slots.items():
+            if ends:
+                end = ends[0] + scenario.duration_on(env.account_index[name], z)
+                if end < finish:
+                    best, finish = name, end
+        if slots[best][0] <= now:
+            plan.append((job, best))
+        heapq.heapreplace(slots[best], finish)
+    return plan
 
 
 _RUNNERS = {
