@@ -8,6 +8,7 @@ import pytest
 
 from capgate import AccountCapacity, ExecutingJob, Snapshot
 from capgate._engine.forecast import (
+    DEFER_SAMPLES,
     MAX_DEFER,
     MIN_SAMPLES,
     Durations,
@@ -45,13 +46,15 @@ def learnt(durations: list[float], account: str = "a", gap: float = 5.0) -> Fore
 
 
 def test_durations_cdf_runs_from_zero_to_one_over_the_ends_seen():
-    """Ends at 10, 20 and 30 s: nothing below 10, everything by 30, halfway between."""
+    """Ends at 10, 20 and 30 s: little below 10 (a few samples rarely hold the shortest
+    jobs, so not nothing), everything by 30, about half by 20."""
     durations = Durations(10)
     for end in (10, 20, 30):
         durations.add(end, end)
-    assert durations.cdf(5) == 0.0
+    assert durations.cdf(0) == 0.0
+    assert 0 < durations.cdf(5) < 1 / 3
     assert durations.cdf(30) == pytest.approx(1.0)
-    assert 0.3 < durations.cdf(20) < 0.7
+    assert 0.5 < durations.cdf(20) < 0.8
 
 
 def test_running_jobs_keep_the_durations_from_looking_short():
@@ -64,7 +67,7 @@ def test_running_jobs_keep_the_durations_from_looking_short():
         d.add(20, 20)
     censored.running([25.0] * 8)
     assert naive.cdf(20) == pytest.approx(1.0)
-    assert censored.cdf(20) < 0.25
+    assert censored.cdf(20) < 0.3
 
 
 def test_durations_cover_only_ages_below_the_longest_end():
@@ -114,7 +117,7 @@ def test_an_older_snapshot_is_ignored():
 
 def test_median_duration_and_next_completion_in_the_outlook():
     """Jobs of 60 s: one listed 50 s old is expected to end about 10 s on."""
-    forecast = learnt([60.0] * MIN_SAMPLES * 2)
+    forecast = learnt([60.0] * MIN_SAMPLES * 2, gap=1.0)
     forecast.observe(snap(1000, ("new", "a", 50)))
     outlook = forecast.outlook("a", 1000)
     assert outlook.median_duration == pytest.approx(60, abs=3)
@@ -132,22 +135,29 @@ def test_no_history_polls_at_the_floor():
     assert forecast.next_poll(floor=1005, interval=5) == 1005
 
 
+def test_too_few_durations_to_rule_an_end_out_keep_the_floor():
+    """Putting a poll off claims nothing ends before: it takes DEFER_SAMPLES durations."""
+    forecast = learnt([100.0 + i for i in range(DEFER_SAMPLES - 1)])
+    forecast.observe(snap(1000, ("new", "a", 10)))
+    assert forecast.next_poll(floor=1005, interval=5) == 1005
+
+
 def test_nothing_likely_to_free_puts_the_poll_off_at_most_max_defer():
     """Every job ran 100-110 s and the one running is 10 s old: nothing frees soon."""
-    forecast = learnt([100 + i for i in range(10)])
+    forecast = learnt([100 + i % 10 for i in range(DEFER_SAMPLES + 4)])
     forecast.observe(snap(1000, ("new", "a", 10)))
     planned = forecast.next_poll(floor=1005, interval=5)
     assert planned > 1005
     assert planned <= 1005 + MAX_DEFER * 5
 
 
-def test_a_likely_completion_just_past_the_floor_moves_the_poll_onto_it():
-    """Jobs of exactly 60 s, one 52 s old at 1000: it ends at about 1008, not at the floor
-    (1005) nor at the one after (1010)."""
-    forecast = learnt([60.0] * 12, gap=1.0)
-    forecast.observe(snap(1000, ("new", "a", 52)))
+def test_a_poll_put_off_lands_just_past_the_likely_end():
+    """Jobs of 60 s, one 35 s old at 1000: it ends at about 1025. The poll is put off from
+    the floor (1005), and lands just after that end, not just before it."""
+    forecast = learnt([60.0] * (DEFER_SAMPLES + 4), gap=1.0)
+    forecast.observe(snap(1000, ("new", "a", 35)))
     planned = forecast.next_poll(floor=1005, interval=5)
-    assert 1007 <= planned <= 1010
+    assert 1024 <= planned <= 1028
 
 
 def test_completions_spread_evenly_keep_the_floor():
@@ -216,7 +226,7 @@ def test_predictable_jobs_are_polled_for_when_they_end_not_all_along():
     each end instead of every poll_interval, and finishes as soon."""
     from capgate.simulation import Scenario, simulate
 
-    scenario = Scenario(accounts=(1,), jobs=40, duration=(60.0, 61.0), seed=3)
+    scenario = Scenario(accounts=(1,), jobs=80, duration=(60.0, 61.0), seed=3)
     result = simulate(scenario, "capgate")
     every_interval = result.makespan / scenario.poll_interval  # polls without a forecast
     assert result.polls < 0.6 * every_interval
@@ -241,7 +251,7 @@ async def test_invalidate_calls_off_a_poll_put_off_by_the_forecast(make_gate):
                 fake.create_url, json={fake.spec.account_key: account}, headers=headers
             )
 
-        for _ in range(MIN_SAMPLES + 2):  # one at a time: each waits for the last to end
+        for _ in range(DEFER_SAMPLES + 2):  # one at a time: each waits for the last to end
             assert (await gate.submit(create)).status_code == 200
         async with anyio.create_task_group() as tg:
             tg.start_soon(gate.submit, create)

@@ -259,6 +259,11 @@ class Store(Protocol):
         that lag): grant that many more slots there until the next snapshot. A store may
         ignore it (never oversubscribing, only slower)."""
 
+    def prefer_faster(self, medians: Mapping[str, float]) -> None:
+        """The learnt median job duration per account: with ``most_available``, a grant
+        goes to an account with room whose jobs end markedly sooner than the pick's
+        (:data:`~capgate._engine.forecast.FASTER`). A store may ignore it."""
+
     async def flush(self) -> None:
         """Wait (bounded) until the recorded changes reached the store."""
 

@@ -862,6 +862,10 @@ class FleetStore:
         # probes on counts that lag are not in the scripts yet: a fleet waits for the counts
         return None
 
+    def prefer_faster(self, medians: Mapping[str, float]) -> None:
+        # the dispatch pass runs in Redis with the fleet's strategy as configured
+        return None
+
     async def flush(self) -> None:
         """Send the recorded changes now (shielded, bounded); the renewal thread retries."""
         if not self._outbox:

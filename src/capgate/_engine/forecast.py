@@ -13,26 +13,27 @@ poll can see its slot free.
 
 What it predicts. For a job of age ``a`` on an account whose durations are known, the
 chance that it drops off within ``[a + x, a + y)`` is ``(F(a + y) - F(a + x)) / (1 - F(a))``,
-where ``F`` is the durations' distribution (each interval sample spread evenly over its
-interval). Summed over the executing jobs this is how many slots are expected to free, per
-short step of time ahead.
+where ``F`` is the durations' distribution (Kaplan-Meier, drawn as straight lines between
+the ends seen). Summed over the executing jobs this is how many slots are expected to free,
+per short step of time ahead.
 
-When to poll (:meth:`Forecast.next_poll`). A poll at ``t`` sees every slot freed before ``t``
-late by ``t - s``; the slots freed before the poll after it (at ``t + interval`` at best) are
-seen late too. The next poll goes at the ``t >= floor`` that gives the fewest slot-seconds
-seen late per second covered, a request counting as :data:`REQUEST_COST` slot-seconds::
+When to poll (:meth:`Forecast.next_poll`). While every slot is taken, the next poll is put
+off past its floor (``poll_interval`` after the last) for as long as fewer than
+:data:`UNLIKELY` slots are expected to have freed since the snapshot, at most
+:data:`MAX_DEFER` intervals: fewer requests while nothing can end, none of the makespan.
+It never goes earlier than the floor, and it does not try to land just after a predicted
+end: a poll a little past the floor waits on every slot the forecast did not see coming,
+and measured on the benchmarks such shifts cost more than they caught (how the lower bound
+of timing alone compares is in benchmarks/README.md). Without enough history (fewer than
+:data:`MIN_SAMPLES` durations over every account), or with a job older than any seen to
+end, the answer is the floor: the gate polls as it always did.
 
-    cost(t) = sum_s h(s) * (t - s)           for s < t
-            + sum_s h(s) * (t + I - s)       for t <= s < t + I
-    rate(t) = (cost(t) + REQUEST_COST) / (t + I - r)
+Counts that lag (:meth:`Forecast.probably_freed`): a job listed by a snapshot that shows
+the account ``lag`` seconds late may have ended since; the listed jobs that have, with
+:data:`PROBE_CONFIDENCE`, are granted as probes (see the ledger's ``expect_freed``).
 
-where ``h(s)`` is the expected slots freed in step ``s``, ``I`` the poll interval and ``r``
-the snapshot's request. With completions spread evenly this is the floor itself (polls
-``poll_interval`` apart, as without a forecast); a completion expected just after the floor
-moves the poll onto it; nothing expected for a while puts the poll off, at most
-:data:`MAX_DEFER` intervals. Without enough history (fewer than :data:`MIN_SAMPLES`
-durations over every account), or with a job no forecast covers, the answer is the floor:
-the gate polls as it always did.
+Placement (:meth:`Forecast.medians`): with ``most_available``, the in-memory store sends a
+grant to an account with room whose jobs end markedly sooner (:data:`FASTER`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 from .._models import Snapshot
 
-__all__ = ["Durations", "Forecast", "Outlook"]
+__all__ = ["FASTER", "Durations", "Forecast", "Outlook"]
 
 #: durations needed (per account for its own, over all accounts for the pooled) before use
 MIN_SAMPLES = 5
@@ -59,10 +60,13 @@ MAX_CENSOR = 30.0
 MAX_DEFER = 5
 #: the time step of the forecast, as a share of the poll interval
 STEP_SHARE = 0.05
-#: what one request is worth, in slot-seconds seen late (small: polls are cheap, slots dear)
-REQUEST_COST = 0.1
-#: a poll moves off its floor only to save at least this many slot-seconds seen late
-MIN_GAIN = REQUEST_COST
+#: a poll is put off only while fewer slots than this are expected to have freed ...
+UNLIKELY = 0.03
+#: ... by durations of at least this many jobs (per account, or over all accounts)
+DEFER_SAMPLES = 20
+#: with most_available, a grant goes to an account with room whose median duration is at
+#: most this share of the pick's (jobs there end markedly sooner)
+FASTER = 2 / 3
 #: jobs followed at most (the oldest are forgotten first)
 MAX_FOLLOWED = 100_000
 #: with counts that lag, a listed job is taken as ended (a probe) once it is this likely
@@ -106,10 +110,15 @@ class Durations:
     def _build(self) -> None:
         ends = sorted((lo + hi) / 2 for lo, hi in self._samples)
         censored = self._censored
-        xs = [min(lo for lo, _ in self._samples)]
-        fs = [0.0]
-        surviving = 1.0
         i, n = 0, len(ends)
+        # a sample rarely holds the shortest jobs there are: below the shortest end seen
+        # lies the share of a next job that would be shorter than every job seen (ended
+        # or running), 1 / (jobs + 1), spread from 0: "nothing ends before" is never sure
+        unseen = 1.0 / (n + len(censored) + 1)
+        first = min(lo for lo, _ in self._samples)
+        xs = [0.0, first] if first > 0 else [0.0]
+        fs = [0.0, unseen] if first > 0 else [unseen]
+        surviving = 1.0
         while i < n:
             at = ends[i]
             died = 1
@@ -117,11 +126,12 @@ class Durations:
                 died += 1
             at_risk = (n - i) + (len(censored) - bisect.bisect_left(censored, at))
             surviving *= 1.0 - died / at_risk
+            value = unseen + (1.0 - unseen) * (1.0 - surviving)
             if at > xs[-1]:
                 xs.append(at)
-                fs.append(1.0 - surviving)
+                fs.append(value)
             else:
-                fs[-1] = 1.0 - surviving
+                fs[-1] = value
             i += died
         self._xs, self._fs = xs, fs
 
@@ -190,11 +200,11 @@ class Forecast:
 
     # --- learning --------------------------------------------------------------------------
 
-    def observe(self, snapshot: Snapshot) -> None:
-        """Take a snapshot (again, or older than the latest: nothing happens)."""
+    def observe(self, snapshot: Snapshot) -> bool:
+        """Take a snapshot; ``False`` when it is the latest again, or older (ignored)."""
         latest = self._latest
         if latest is not None and snapshot.requested_at <= latest.requested_at:
-            return
+            return False
         at = snapshot.requested_at
         previous = None if latest is None else latest.requested_at
         listed = set()
@@ -228,6 +238,7 @@ class Forecast:
         self._pooled.running([age for group in ages.values() for age in group])
         for account, durations in self._by_account.items():
             durations.running(ages.get(account, []))
+        return True
 
     def _learn(self, account: str | None, lo: float, hi: float) -> None:
         self._pooled.add(lo, hi)
@@ -237,25 +248,32 @@ class Forecast:
                 durations = self._by_account[account] = Durations(SAMPLES_KEPT)
             durations.add(lo, hi)
 
+    def medians(self) -> dict[str, float]:
+        """The median duration per account with enough durations of its own."""
+        return {a: d.median() for a, d in self._by_account.items() if len(d) >= MIN_SAMPLES}
+
     @property
     def ready(self) -> bool:
         """Whether enough durations are known to forecast anything."""
         return len(self._pooled) >= MIN_SAMPLES
 
-    def durations(self, account: str | None) -> Durations | None:
-        """The durations that forecast ``account``'s jobs: its own, else everyone's."""
+    def durations(self, account: str | None, least: int = MIN_SAMPLES) -> Durations | None:
+        """The durations that forecast ``account``'s jobs: its own, else everyone's
+        (``None`` with fewer than ``least`` either way)."""
         own = None if account is None else self._by_account.get(account)
-        if own is not None and len(own) >= MIN_SAMPLES:
+        if own is not None and len(own) >= least:
             return own
-        if len(self._pooled) >= MIN_SAMPLES:
+        if len(self._pooled) >= least:
             return self._pooled
         return None
 
     # --- predicting ------------------------------------------------------------------------
 
-    def _running(self, accounts: Collection[str] | None) -> Iterable[_Job] | None:
-        """The latest snapshot's jobs on ``accounts`` (all if ``None``); ``None`` if any of
-        them has no forecast (then nothing is predicted)."""
+    def _running(
+        self, accounts: Collection[str] | None, least: int
+    ) -> list[tuple[_Job, Durations]] | None:
+        """The latest snapshot's jobs on ``accounts`` (all if ``None``) with the durations
+        that forecast them; ``None`` if any of them has none (then nothing is predicted)."""
         latest = self._latest
         if latest is None:
             return None
@@ -266,18 +284,19 @@ class Forecast:
                 continue
             if job is None:
                 return None
-            durations = self.durations(job.account)
+            durations = self.durations(job.account, least)
             if durations is None or not durations.covers(latest.requested_at - job.start):
                 return None  # older than any job seen to end: when it ends is anyone's guess
-            jobs.append(job)
+            jobs.append((job, durations))
         return jobs
 
-    def _expected(self, jobs: Iterable[_Job], origin: float, step: float, n: int) -> list[float]:
+    @staticmethod
+    def _expected(
+        jobs: Iterable[tuple[_Job, Durations]], origin: float, step: float, n: int
+    ) -> list[float]:
         """Slots expected to free in each of ``n`` steps from ``origin``."""
         freed = [0.0] * n
-        for job in jobs:
-            durations = self.durations(job.account)
-            assert durations is not None  # noqa: S101 - _running() checked
+        for job, durations in jobs:
             age = origin - job.start
             before = durations.cdf(age)
             alive = 1.0 - before
@@ -292,7 +311,12 @@ class Forecast:
     def next_poll(
         self, *, floor: float, interval: float, accounts: Collection[str] | None = None
     ) -> float:
-        """When the next poll should go: ``floor`` (the earliest allowed) or later.
+        """When the next poll should go: ``floor`` (the earliest allowed), or later while
+        it is unlikely that any slot has freed.
+
+        The poll is put off to the last instant (at most :data:`MAX_DEFER` intervals past
+        the floor) before which the executing jobs are expected to have freed fewer than
+        :data:`UNLIKELY` slots, counted from the snapshot's request.
 
         Args:
             floor: The earliest instant the next poll may go (``poll_interval`` after the
@@ -301,44 +325,38 @@ class Forecast:
             accounts: The accounts whose slots matter (``None``: every account).
         """
         latest = self._latest
-        jobs = self._running(accounts)
-        if latest is None or not jobs or not self.ready or interval <= 0:
-            return floor  # no history, or nothing listed to forecast: as without one
+        jobs = self._running(accounts, DEFER_SAMPLES)
+        if latest is None or not jobs or interval <= 0:
+            return floor  # too little history, or nothing listed to forecast: as without
         origin = latest.requested_at
         step = interval * STEP_SHARE
-        width = round(interval / step)
-        first = max(0, math.ceil((floor - origin) / step))  # candidate polls: step indices
-        last = first + MAX_DEFER * width
-        horizon = last + width  # every candidate is judged over the same span
+        width = round(interval / step)  # an interval, in steps
+        start = max(0, math.ceil((floor - origin) / step))  # the floor, in steps
+        last = start + MAX_DEFER * width
+        horizon = last + 4 * width  # the phase is judged over a few intervals past it
         freed = self._expected(jobs, origin, step, horizon)
-        # prefix sums of h and of h * s (s: a step's middle, in steps from the origin)
         mass = [0.0]
-        moment = [0.0]
+        moment = [0.0]  # sums of h(s) and of h(s) * s, s in steps from the origin
         for k, h in enumerate(freed):
             mass.append(mass[-1] + h)
             moment.append(moment[-1] + h * (k + 0.5))
-
-        def late(since: int, seen: int) -> float:
-            """Steps late, summed over the slots freed in [since, seen) and seen at seen."""
-            return seen * (mass[seen] - mass[since]) - (moment[seen] - moment[since])
-
-        best, best_cost = first, math.inf
-        for t in range(first, last + 1):
-            # the next poll at t, the ones after it an interval apart, until the horizon
-            cost, since, polls = late(0, t), t, 1
+        likely = next((k for k in range(start, last) if mass[k] >= UNLIKELY), last)
+        if likely <= start:
+            return floor  # a slot may well have freed by the floor already
+        # put off to `likely`, then on (by less than an interval) to the phase that sees
+        # what frees next the soonest: polls at t, t + interval, ... until the horizon;
+        # a slot freed in [since, seen) waits seen - s to be seen
+        best, best_cost = likely, math.inf
+        for t in range(likely, min(likely + width, last) + 1):
+            cost, since = t * mass[t] - moment[t], t  # freed before t, seen at t
             while since < horizon:
                 seen = since + width
-                cost += late(since, min(seen, horizon)) + (seen - min(seen, horizon)) * (
-                    mass[min(seen, horizon)] - mass[since]
+                cost += seen * (mass[min(seen, horizon)] - mass[since]) - (
+                    moment[min(seen, horizon)] - moment[since]
                 )
-                since, polls = seen, polls + 1
-            total = cost * step + polls * REQUEST_COST
-            if t == first:
-                at_floor = total
-            if total < best_cost - 1e-9:
-                best, best_cost = t, total
-        if best_cost > at_floor - MIN_GAIN:
-            return floor  # a forecast is a guess: move the poll only for a clear gain
+                since = seen
+            if cost < best_cost - 1e-9:
+                best, best_cost = t, cost
         return max(floor, origin + best * step)
 
     def probably_freed(self, now: float, lag: float) -> tuple[dict[str, int], float]:

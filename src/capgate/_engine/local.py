@@ -18,6 +18,7 @@ from .._models import Snapshot
 from .._policy import INVALIDATE_FLOOR, backoff_delay
 from .._strategy import Candidate, Picker
 from .base import Lease, PollTicket, StoreView, Waiter
+from .forecast import FASTER
 from .ledger import Ledger, Reservation
 
 __all__ = ["MemoryStore"]
@@ -42,6 +43,7 @@ class MemoryStore:
         self._auth_failure: tuple[AuthenticationError, float] | None = None
         self._polls = 0
         self._polls_failed = 0
+        self._medians: dict[str, float] = {}  # learnt median duration per account
 
     # --- the view -----------------------------------------------------------------------
 
@@ -135,10 +137,26 @@ class MemoryStore:
                 error=f"{type(exc).__name__}: {exc}",
             )
             account = Picker("most_available", dict(picker.free), ()).pick(allowed)
+        if account is not None and self._medians and self._config.strategy == "most_available":
+            account = self._faster(picker, allowed, account)
         if account is not None:
             picker.take(account)
             self._rr_last = account
         return account
+
+    def _faster(self, picker: Picker, allowed: frozenset[str] | None, account: str) -> str:
+        """``account``, or an account with room whose jobs end markedly sooner (learnt)."""
+        medians = self._medians
+        own = medians.get(account)
+        if own is None:
+            return account
+        best, best_median = account, own * FASTER
+        for other in picker.free:
+            median = medians.get(other)
+            usable = allowed is None or other in allowed
+            if median is not None and median < best_median and usable:
+                best, best_median = other, median
+        return best
 
     def _candidate(self, account: str, free: int) -> Candidate:
         snapshot = self._ledger.snapshot
@@ -290,6 +308,9 @@ class MemoryStore:
 
     def expect_freed(self, expected: Mapping[str, int]) -> None:
         self._ledger.expect_freed(expected)
+
+    def prefer_faster(self, medians: Mapping[str, float]) -> None:
+        self._medians = dict(medians)
 
     async def flush(self) -> None:
         return None

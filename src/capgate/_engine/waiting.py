@@ -350,7 +350,7 @@ class Engine:
         returns when the next one will have (``inf``: none)."""
         snapshot = self.store.snapshot()
         if snapshot is not None:
-            self.forecast.observe(snapshot)  # the expectation must be of the ledger's snapshot
+            self._observe(snapshot)  # the expectation must be of the ledger's snapshot
         if not self.forecast.ready:
             return math.inf
         # the least the counts surely lag by: a probe on a job not yet ended costs a 429
@@ -372,7 +372,7 @@ class Engine:
         floor = now + due
         if snapshot is not self._planned_for:
             self._planned_for = snapshot
-            self.forecast.observe(snapshot)
+            self._observe(snapshot)
             self._planned_at = -math.inf
             if not self._room(snapshot, now):  # else the waiters left can't use it: no guess
                 planned = self.forecast.next_poll(
@@ -385,6 +385,11 @@ class Engine:
             # news the forecast did not have
             self._planned_at = -math.inf
         return max(due, self._planned_at - now)
+
+    def _observe(self, snapshot: Snapshot) -> None:
+        """Learn from ``snapshot`` (once), and tell the store which accounts are faster."""
+        if self.forecast.observe(snapshot) and self.forecast.ready:
+            self.store.prefer_faster(self.forecast.medians())
 
     def _room(self, snapshot: Snapshot, now: float) -> bool:
         """Whether ``snapshot`` leaves a slot free after the reservations it doesn't show."""
