@@ -250,3 +250,27 @@ async def test_a_scrape_from_another_thread_sees_free_slots(make_gate):
         for s in family.samples
     }
     assert samples["capgate_account_free_slots", _svc(account="a@x.io")] == 2
+
+
+@pytest.mark.trio_only
+async def test_learnt_durations_are_exposed_per_account(make_gate):
+    """Once jobs were seen to end, each account's median duration is a series."""
+    import httpx
+
+    gate, fake = make_gate({"a@x.io": 1}, job_duration=30.0, poll_interval=5.0)
+    headers = {"Authorization": f"Bearer {fake.token}"}
+    async with httpx.AsyncClient(transport=fake.transport()) as client:
+
+        async def create(account: str) -> httpx.Response:
+            return await client.post(
+                fake.create_url, json={fake.spec.account_key: account}, headers=headers
+            )
+
+        for _ in range(7):  # one at a time: six are seen to end
+            await gate.submit(create)
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(gate))
+    median = _samples(registry)[
+        "capgate_account_median_duration_seconds", _svc(account="a@x.io")
+    ]
+    assert median == pytest.approx(30, abs=3)

@@ -150,6 +150,16 @@ _ACCOUNT_FIGURES = (
         "1 while the account is out of rotation, else 0.",
         lambda a: 0 if a.quarantined_for is None else 1,
     ),
+    _AccountFigure(
+        "capgate_account_median_duration_seconds",
+        "Median duration of the account's jobs seen to end.",
+        lambda a: a.median_duration,
+    ),
+    _AccountFigure(
+        "capgate_account_next_completion_seconds",
+        "Seconds until one of the account's running jobs has more likely than not ended.",
+        lambda a: a.next_completion,
+    ),
 )
 
 _WAIT = "capgate_wait_seconds"
