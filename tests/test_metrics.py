@@ -270,7 +270,5 @@ async def test_learnt_durations_are_exposed_per_account(make_gate):
             await gate.submit(create)
     registry = CollectorRegistry()
     registry.register(PrometheusCollector(gate))
-    median = _samples(registry)[
-        "capgate_account_median_duration_seconds", _svc(account="a@x.io")
-    ]
+    median = _samples(registry)["capgate_account_median_duration_seconds", _svc(account="a@x.io")]
     assert median == pytest.approx(30, abs=3)
