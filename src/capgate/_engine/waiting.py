@@ -458,14 +458,15 @@ class Engine:
 
     def _count_grant(self, lease: Lease, waited: float, priority: int) -> None:
         self.grants += 1
-        log.debug(
-            "capgate.grant",
-            service=self.service,
-            account=lease.account,
-            waited=waited,
-            priority=priority,
-            waiting=self._waiting,
-        )
+        if log.debug_enabled():
+            log.debug(
+                "capgate.grant",
+                service=self.service,
+                account=lease.account,
+                waited=waited,
+                priority=priority,
+                waiting=self._waiting,
+            )
 
     def _grant(self, waiter: Waiter, lease: Lease) -> None:
         waiter.lease = lease
@@ -484,14 +485,15 @@ class Engine:
     # --- what holders report ----------------------------------------------------------------
 
     def settle(self, lease: Lease, job_id: str | None, error: BaseException | None) -> None:
-        log.debug(
-            "capgate.settle",
-            service=self.service,
-            account=lease.account,
-            job_id=job_id,
-            held_for=anyio.current_time() - lease.granted_at,
-            error=None if error is None else type(error).__name__,
-        )
+        if log.debug_enabled():
+            log.debug(
+                "capgate.settle",
+                service=self.service,
+                account=lease.account,
+                job_id=job_id,
+                held_for=anyio.current_time() - lease.granted_at,
+                error=None if error is None else type(error).__name__,
+            )
         if self.store.settle(lease, job_id):
             self._dispatch()
 
