@@ -62,6 +62,9 @@ __all__ = ["Engine"]
 
 T = TypeVar("T")
 
+#: what a waiter without a timeout waits in (stateless, so one serves every waiter)
+_NO_SCOPE: contextlib.nullcontext[None] = contextlib.nullcontext()
+
 #: seconds refresh() waits beyond the poll timeout for another fleet member's answer
 LOCK_MARGIN = 5.0
 
@@ -262,9 +265,7 @@ class Engine:
                 await self._exchange()
             else:
                 # no scope at all without a timeout: it is a waiter's largest piece of memory
-                scope = (
-                    contextlib.nullcontext() if timeout is None else anyio.move_on_after(timeout)
-                )
+                scope = _NO_SCOPE if timeout is None else anyio.move_on_after(timeout)
                 with scope:
                     await self._exchange()
                     while waiter.lease is None and waiter.error is None:
@@ -399,7 +400,8 @@ class Engine:
     def _wake_next(self) -> None:
         for queue in self._queues.values():
             for successor in queue:
-                successor.wake()  # it takes the driver role at its next step
+                if not successor.woken:  # already, when several waiters leave in a row
+                    successor.wake()  # it takes the driver role at its next step
                 return
 
     def _leave(self, waiter: Waiter) -> None:
