@@ -74,6 +74,13 @@ class Logger:
             stacklevel=3,
         )
 
+    def debug_enabled(self) -> bool:
+        """Whether a debug event would go anywhere: a ``capture_logs()`` in force (it sees
+        every event) or a ``capgate`` logger enabled for DEBUG. The per-grant and per-settle
+        events check this first, so a program that drops them does not pay for building
+        their fields on every grant."""
+        return _capture() is not None or _stdlib.isEnabledFor(logging.DEBUG)
+
     def debug(self, event: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, "debug", event, fields)
 

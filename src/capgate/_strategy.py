@@ -63,6 +63,19 @@ class Picker:
         describe: Builds a :class:`Candidate` for a callable strategy.
     """
 
+    __slots__ = (  # one is built for every grant on the hot path and every dispatch pass
+        "_cursor",
+        "_describe",
+        "_given_order",
+        "_heap",
+        "_order_list",
+        "_rank_map",
+        "free",
+        "last",
+        "strategy",
+        "total",
+    )
+
     def __init__(
         self,
         strategy: Strategy,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from .._errors import AuthenticationError, PollError
 from .._models import Snapshot
@@ -28,30 +29,43 @@ __all__ = ["Lease", "PollTicket", "Store", "StoreView", "Waiter", "Wakeup"]
 class Wakeup:
     """A re-armable wake-up for one waiting task.
 
+    A wake-up that comes while the task is awake is kept (``woken``) for its next sleep.
+    The event a sleep waits on is made by that sleep, not in advance: most waiters are
+    woken once, granted, and never sleep again, so none is made for nothing.
+
     ``wake()`` also cancels ``scope`` when one is set, so a task blocked in something other
     than :meth:`sleep` (a Redis listen in a worker thread) returns at once too.
     """
 
-    __slots__ = ("event", "scope")
+    __slots__ = ("_event", "scope", "woken")
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
+        self.woken = False
+        self._event: anyio.Event | None = None  # only while a sleep waits on it
         self.scope: anyio.CancelScope | None = None
 
     def wake(self) -> None:
-        self.event.set()
+        self.woken = True
+        if self._event is not None:
+            self._event.set()
         if self.scope is not None:
             self.scope.cancel()
 
     async def sleep(self, timeout: float = math.inf) -> None:
         """Wait until woken or ``timeout``; a wake-up that came while awake returns at once."""
-        if timeout == math.inf:
-            await self.event.wait()  # no cancel scope: most waiters wait like this
+        if self.woken:
+            await anyio.lowlevel.checkpoint()  # still a checkpoint, as waiting on a set event is
         else:
-            with anyio.move_on_after(timeout):
-                await self.event.wait()
-        if self.event.is_set():
-            self.event = anyio.Event()
+            event = self._event = anyio.Event()
+            try:
+                if timeout == math.inf:
+                    await event.wait()  # no cancel scope: most waiters wait like this
+                else:
+                    with anyio.move_on_after(timeout):
+                        await event.wait()
+            finally:
+                self._event = None
+        self.woken = False
 
 
 @dataclass(eq=False, slots=True)

@@ -630,7 +630,7 @@ class FleetStore:
         with anyio.CancelScope() as scope:
             waiter.scope = scope
             try:
-                if waiter.event.is_set():
+                if waiter.woken:
                     return
                 await anyio.to_thread.run_sync(
                     self._listen_sync, max(timeout, 0.005), gen, abandon_on_cancel=True
@@ -643,8 +643,7 @@ class FleetStore:
                 if self._listen_gen == gen:
                     # an abandoned listening thread sees this and returns within a slice
                     self._listen_gen += 1
-        if waiter.event.is_set():
-            waiter.event = anyio.Event()
+        waiter.woken = False
         self._message = False
 
     def _listen_sync(self, timeout: float, gen: int) -> None:

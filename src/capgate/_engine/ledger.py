@@ -65,7 +65,7 @@ def row_limit(snapshot: Snapshot, row: AccountCapacity, cap: int | None) -> int:
     return max(0, limit)
 
 
-@dataclass
+@dataclass(slots=True)  # one per grant: quicker to build, and smaller while it counts
 class Reservation:
     """One slot reserved on one account (internal bookkeeping)."""
 

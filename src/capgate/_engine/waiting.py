@@ -65,6 +65,9 @@ __all__ = ["Engine"]
 
 T = TypeVar("T")
 
+#: what a waiter without a timeout waits in (stateless, so one serves every waiter)
+_NO_SCOPE: contextlib.nullcontext[None] = contextlib.nullcontext()
+
 #: seconds refresh() waits beyond the poll timeout for another fleet member's answer
 LOCK_MARGIN = 5.0
 
@@ -271,9 +274,7 @@ class Engine:
                 await self._exchange()
             else:
                 # no scope at all without a timeout: it is a waiter's largest piece of memory
-                scope = (
-                    contextlib.nullcontext() if timeout is None else anyio.move_on_after(timeout)
-                )
+                scope = _NO_SCOPE if timeout is None else anyio.move_on_after(timeout)
                 with scope:
                     await self._exchange()
                     while waiter.lease is None and waiter.error is None:
@@ -469,7 +470,8 @@ class Engine:
     def _wake_next(self) -> None:
         for queue in self._queues.values():
             for successor in queue:
-                successor.wake()  # it takes the driver role at its next step
+                if not successor.woken:  # already, when several waiters leave in a row
+                    successor.wake()  # it takes the driver role at its next step
                 return
 
     def _leave(self, waiter: Waiter) -> None:
@@ -530,14 +532,15 @@ class Engine:
 
     def _count_grant(self, lease: Lease, waited: float, priority: int) -> None:
         self.grants += 1
-        log.debug(
-            "capgate.grant",
-            service=self.service,
-            account=lease.account,
-            waited=waited,
-            priority=priority,
-            waiting=self._waiting,
-        )
+        if log.debug_enabled():
+            log.debug(
+                "capgate.grant",
+                service=self.service,
+                account=lease.account,
+                waited=waited,
+                priority=priority,
+                waiting=self._waiting,
+            )
 
     def _grant(self, waiter: Waiter, lease: Lease) -> None:
         waiter.lease = lease
@@ -556,14 +559,15 @@ class Engine:
     # --- what holders report ----------------------------------------------------------------
 
     def settle(self, lease: Lease, job_id: str | None, error: BaseException | None) -> None:
-        log.debug(
-            "capgate.settle",
-            service=self.service,
-            account=lease.account,
-            job_id=job_id,
-            held_for=anyio.current_time() - lease.granted_at,
-            error=None if error is None else type(error).__name__,
-        )
+        if log.debug_enabled():
+            log.debug(
+                "capgate.settle",
+                service=self.service,
+                account=lease.account,
+                job_id=job_id,
+                held_for=anyio.current_time() - lease.granted_at,
+                error=None if error is None else type(error).__name__,
+            )
         if self.store.settle(lease, job_id):
             self._dispatch()
             if self._waiting:
