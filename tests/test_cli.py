@@ -322,7 +322,7 @@ def test_serve_fake_serves_until_ctrl_c():
             lines.append(line)
         url = lines[-1].split("GET", 1)[1].strip()
         assert url.startswith("http://127.0.0.1:")
-        create = httpx.URL(url.replace("/scheduler/available", "/jobs"))
+        create = httpx.URL(url.replace("/scheduler/available", "/videos/text2video"))
         headers = {"Authorization": "Bearer tok-123"}
         assert httpx.post(create, json={"email": "a@x.io"}, headers=headers).status_code == 200
         assert httpx.post(create, json={"email": "a@x.io"}, headers=headers).status_code == 429

@@ -162,3 +162,21 @@ def test_pixverse_prefers_video_id_to_image_id():
 def test_job_id_from_answers_without_an_id(name, body):
     """An answer with no usable id (empty, blank, a bool, the wrong type) gives None."""
     assert get_service(name).job_id_from(body) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("kling", "videos/text2video"),
+        ("minimax", "videos/create"),
+        ("pixverse", "videos/create"),
+        ("tempolor", "music/song"),
+    ],
+)
+def test_create_paths_are_the_documented_ones(name, path):
+    """The create path is the one useapi's scripts POST to (pixverse under v2)."""
+    spec = get_service(name)
+    assert spec.create_path == path
+    assert f"{spec.api_root}/{spec.create_path}".startswith(
+        f"https://api.useapi.net/{spec.version}/"
+    )

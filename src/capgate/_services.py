@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._fakeapi import FakeApi, KlingApi, LtxStudioApi, MinimaxApi, PixverseApi, TempolorApi
 from ._sources import (
     AccountsOnly,
     CapacitySource,
@@ -86,13 +87,16 @@ class Service:
             a job id, for the shapes the marker rule does not fit.
         cooldowns: The 429 reasons that take an account (or a model) out of rotation.
         guesses: What is inferred rather than documented, in words.
-        create_path: The fake's create endpoint, relative to the root.
+        create_path: The create endpoint, relative to the root (the documented one the
+            fake answers; useapi's scripts use it).
         create_status: The fake's status for a created job (201 for async creates).
         sync_create: The fake's create answers only when the job ends (the service's
             default sync mode: Flow Music, Google Flow); ``"mode": "async"`` opts out.
         job_id_format: The fake's job ids (``{n}``, ``{account}``, ``{uuid}``, ``{name}``).
         fake_started: How the fake writes ``started``: ``"iso"`` or ``"epoch_ms"``.
         fake_extra: Extra fields the fake adds to each executing row.
+        fake_api: The fake's job endpoints: create answer, job status, accounts, uploads
+            and callback body (:mod:`capgate._fakeapi`).
     """
 
     name: str
@@ -117,6 +121,7 @@ class Service:
     job_id_format: str = "user:4242-{name}:{account}-job:{n}"
     fake_started: str = "iso"
     fake_extra: tuple[tuple[str, Any], ...] = ()
+    fake_api: FakeApi = field(default_factory=FakeApi)
     create_id_paths: tuple[str, ...] = ()
 
     @property
@@ -248,6 +253,8 @@ SERVICES: dict[str, Service] = {
             status="retired",
             retired_on="2026-03-09",
             job_id_format="email:{account}:{uuid}-type:video",
+            # GUESS: the create path is not in the reference; the job status is documented
+            fake_api=LtxStudioApi(),
         ),
         _family(
             "kling",
@@ -256,8 +263,10 @@ SERVICES: dict[str, Service] = {
             ("id", "jobId"),
             "email",
             create_id_paths=("task.id",),
+            create_path="videos/text2video",
             job_id_format="{n}",
             fake_started="epoch_ms",
+            fake_api=KlingApi(),
         ),
         _family(
             "tempolor",
@@ -267,6 +276,8 @@ SERVICES: dict[str, Service] = {
             None,
             "-tempolor:",
             create_id_paths=("jobs[]",),
+            create_path="music/song",
+            fake_api=TempolorApi(),
         ),
         _family(
             "riffusion",
@@ -276,6 +287,7 @@ SERVICES: dict[str, Service] = {
             "user_id",
             status="retired",
             retired_on="2025-03-28",
+            create_path="music/create-prompt",
         ),
         _family(
             "minimax",
@@ -285,7 +297,9 @@ SERVICES: dict[str, Service] = {
             None,
             "-minimax:",
             create_id_paths=("videoId", "imageId"),
+            create_path="videos/create",
             job_id_format="user:4242-minimax:{account}-video:{n}",
+            fake_api=MinimaxApi(),
         ),
         _family(
             "pixverse",
@@ -295,9 +309,11 @@ SERVICES: dict[str, Service] = {
             None,
             "-pixverse:",
             create_id_paths=("video_id", "image_id"),
+            create_path="videos/create",
             job_id_format="user:4242-pixverse:{account}-video:{n}",
             fake_started="epoch_ms",
             fake_extra=(("type", "video"),),
+            fake_api=PixverseApi(),
         ),
         Service(
             "dreamina",

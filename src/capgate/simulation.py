@@ -522,8 +522,9 @@ class _Env:
         """The create request; on success the job's start and end are recorded."""
         response = await self.client.post(
             self.create_url,
-            json={self.spec.account_key: account, "duration": job.duration},
-            headers=self.headers,
+            json={self.spec.account_key: account},
+            # the scenario's running time for this job (the fake's own control)
+            headers={**self.headers, FakeScheduler.RUNTIME_HEADER: repr(job.duration)},
         )
         if response.is_success:  # 200, or 201 (mureka)
             job_id = self.spec.job_id_from(response.json())
