@@ -197,11 +197,19 @@ async def test_pixverse_accounts_are_keyed_by_email():
 
 
 async def test_pixverse_upload_answers_a_path():
-    """POST files/?email= answers result[0].path (used as first_frame_path)."""
+    """POST files/?email= answers result[0].path (used as first_frame_path), named with the
+    uploaded image's type."""
     fake = FakeScheduler({ME: 1}, service="pixverse")
     async with _client(fake) as client:
-        response = await client.post("/files/", params={"email": ME}, content=b"RIFF")
-    assert response.json()["result"][0]["path"].startswith("upload/")
+        response = await client.post(
+            "/files/",
+            params={"email": ME},
+            content=b"RIFF",
+            headers={"Content-Type": "image/webp"},
+        )
+    path = response.json()["result"][0]["path"]
+    assert path.startswith("upload/")
+    assert path.endswith(".webp")
 
 
 @pytest.mark.trio_only

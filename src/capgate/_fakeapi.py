@@ -52,12 +52,14 @@ class Call:
         now: The fake's time (``anyio.current_time()``).
         origin: ``scheme://host[:port]`` the client used, for the media links it answers.
         query: The query parameters.
+        content_type: The request's ``Content-Type`` (an upload's image type).
     """
 
     fake: FakeScheduler
     now: float
     origin: str
     query: Mapping[str, str]
+    content_type: str = ""
 
 
 def not_found(what: str) -> Answer:
@@ -298,7 +300,9 @@ class PixverseApi(FakeApi):
         if email not in call.fake.max_jobs:
             return Answer(400, {"error": f"Account {email} not configured", "code": 400})
         n = call.fake.next_number()
-        return Answer(200, {"result": [{"path": f"upload/fake-{n}.png", "size": len(body)}]})
+        kind = call.content_type.partition(";")[0].strip()
+        ext = kind.removeprefix("image/") if kind.startswith("image/") else "png"
+        return Answer(200, {"result": [{"path": f"upload/fake-{n}.{ext}", "size": len(body)}]})
 
 
 class TempolorApi(FakeApi):

@@ -482,7 +482,13 @@ class FakeScheduler:
         now = anyio.current_time()
         self._advance(now)
         api = self.spec.fake_api
-        call = Call(self, now, _origin(request), dict(request.url.params))
+        call = Call(
+            self,
+            now,
+            _origin(request),
+            dict(request.url.params),
+            request.headers.get("content-type", ""),
+        )
         answer: Answer | None = None
         if request.method == "GET":
             if self.spec.source.fake_get(self, relative, now) is not NO_ROUTE:
