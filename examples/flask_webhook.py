@@ -10,10 +10,10 @@ Run it (needs the ``examples`` extra: ``pip install -e '.[examples]'``)::
 
     python examples/flask_webhook.py
 
-No token or network needed: the service is capgate's simulator (``capgate.testing``) on
-loopback, and a timer per job stands in for useapi calling the webhook when the job ends.
-To use it for real, drop the simulator and the timers, point ``CREATE_URL`` at the service's
-create endpoint, and serve the Flask app where useapi.net can reach it.
+No token or network needed: the service is capgate's simulator of Kling (``capgate.testing``)
+on loopback, which POSTs each job's "get task" answer to its ``replyUrl`` when the job ends,
+as useapi.net does. To use it for real, drop the simulator, point the create request at the
+real ``videos/text2video`` endpoint, and serve the Flask app where useapi.net can reach it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ from capgate.testing import FakeScheduler, serve
 TERMINAL = {"completed", "failed", "moderated", "cancelled", "canceled", "error", "done"}
 
 
+def is_final(body: object) -> bool:
+    """Whether a callback body reports a job that ended (Kling's ``status_final``, MiniMax's
+    ``statusFinal``, or a terminal ``status`` word)."""
+    if not isinstance(body, dict):
+        return False
+    if body.get("status_final") is True or body.get("statusFinal") is True:
+        return True
+    return str(body.get("status", "")).lower() in TERMINAL
+
+
 def create_app(gate: SyncCapacityGate, seen: list[str]) -> Flask:
     """The webhook endpoint: any terminal status wakes the gate."""
     app = Flask(__name__)
@@ -40,9 +50,8 @@ def create_app(gate: SyncCapacityGate, seen: list[str]) -> Flask:
     @app.post("/useapi-callback")
     def callback() -> tuple[str, int]:
         body = request.get_json(silent=True)
-        status = str(body.get("status", "")).lower() if isinstance(body, dict) else ""
-        if status in TERMINAL:
-            seen.append(str(body.get("replyRef")))
+        if is_final(body):
+            seen.append(str(body.get("replyRef")))  # type: ignore[union-attr]
             gate.invalidate()  # safe from this handler thread: the next poll starts now
         return "", 204
 
@@ -50,39 +59,30 @@ def create_app(gate: SyncCapacityGate, seen: list[str]) -> Flask:
 
 
 def main(jobs: int = 12, workers: int = 6) -> int:
-    fake = FakeScheduler({"ann@x.io": 2, "bob@x.io": 1}, seed=7)
+    fake = FakeScheduler({"ann@x.io": 2, "bob@x.io": 1}, service="kling", seed=7)
     seen: list[str] = []
     with serve(fake) as url:
-        create_url = url.replace("/scheduler/available", "/jobs")
+        create_url = url.replace("/scheduler/available", "/videos/text2video")
         headers = {"Authorization": f"Bearer {fake.token}"}
         gate = SyncCapacityGate(fake.token, url=url, poll_interval=30.0)
         server = make_server("127.0.0.1", 0, create_app(gate, seen), threaded=True)
         receiver = f"http://127.0.0.1:{server.port}/useapi-callback"
         threading.Thread(target=server.serve_forever, name="webhooks", daemon=True).start()
 
-        def useapi_calls_back(ref: str) -> None:  # what useapi.net does when a job ends
-            requests.post(receiver, json={"status": "COMPLETED", "replyRef": ref}, timeout=10)
-
         def create(account: str, n: int) -> requests.Response:
-            duration = 1.0 + (n % 3) * 0.5
-            response = requests.post(
+            runtime = 1.0 + (n % 3) * 0.5  # the simulator's own knob: how long this job runs
+            return requests.post(
                 create_url,
                 json={
                     "email": account,
-                    "duration": duration,
+                    "prompt": f"scene {n}",
                     "replyUrl": receiver,
                     "replyRef": f"job-{n}",
                 },
-                headers=headers,
+                headers={**headers, FakeScheduler.RUNTIME_HEADER: str(runtime)},
                 timeout=30,
             )
-            if response.status_code == 200:
-                timer = threading.Timer(duration, useapi_calls_back, args=(f"job-{n}",))
-                timers.append(timer)
-                timer.start()
-            return response
 
-        timers: list[threading.Timer] = []
         todo = list(range(jobs))
         lock = threading.Lock()
 
@@ -102,8 +102,9 @@ def main(jobs: int = 12, workers: int = 6) -> int:
             t.join()
         elapsed = time.perf_counter() - started
         polls = fake.polls
-        for timer in timers:  # the last callbacks arrive before the receiver goes away
-            timer.join()
+        deadline = time.monotonic() + 10  # the last callbacks, before the receiver goes away
+        while len(seen) < jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
         gate.close()
         server.shutdown()
 

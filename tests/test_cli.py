@@ -120,6 +120,17 @@ def _interrupt(process: subprocess.Popen[str]) -> tuple[int, str, str]:
         (["watch", "--interval", "0"], "argument --interval: must be a positive"),
         (["serve-fake", "--port", "70000"], "argument --port: must be between 0 and 65535"),
         (["serve-fake", "--accounts", "=3"], "argument --accounts: an account name is missing"),
+        (
+            ["serve-fake", "--fail", "a@x.io=500"],
+            "argument --fail: STATUS must be one of 596, 412, 402, 502, 504, got 500",
+        ),
+        (["serve-fake", "--fail", "596"], "argument --fail: expected ACCOUNT=STATUS, got '596'"),
+        (["serve-fake", "--outside", "a@x.io=0"], "argument --outside: SLOTS must be at least 1"),
+        (["serve-fake", "--fail-rate", "2"], "argument --fail-rate: must be from 0 to 1, got 2"),
+        (
+            ["serve-fake", "--accounts", "a@x.io=2", "--fail", "b@x.io=596"],
+            "b@x.io is not one of --accounts (a@x.io)",
+        ),
         ([], "the following arguments are required: COMMAND"),
     ],
 )
@@ -322,7 +333,7 @@ def test_serve_fake_serves_until_ctrl_c():
             lines.append(line)
         url = lines[-1].split("GET", 1)[1].strip()
         assert url.startswith("http://127.0.0.1:")
-        create = httpx.URL(url.replace("/scheduler/available", "/jobs"))
+        create = httpx.URL(url.replace("/scheduler/available", "/videos/text2video"))
         headers = {"Authorization": "Bearer tok-123"}
         assert httpx.post(create, json={"email": "a@x.io"}, headers=headers).status_code == 200
         assert httpx.post(create, json={"email": "a@x.io"}, headers=headers).status_code == 429
@@ -335,6 +346,45 @@ def test_serve_fake_serves_until_ctrl_c():
     assert "token      tok-123" in banner
     assert "capgate status --url http://127.0.0.1:" in banner
     assert "Traceback" not in err
+
+
+def test_serve_fake_fails_accounts_and_adds_outside_load():
+    """serve-fake --fail ACCOUNT=596 answers 596 to that account's creates (useapi's error
+    body), --outside ACCOUNT=1 keeps one of its slots busy, and a create without an account
+    goes to the account with room."""
+    process = _capgate(
+        "serve-fake",
+        *("--service", "minimax", "--accounts", "111=2,222=2", "--token", "tok-9"),
+        *("--fail", "111=596", "--outside", "222=1", "--min-duration", "600"),
+        *("--max-duration", "600"),
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        while not any(line.startswith("Try it") for line in lines):
+            line = process.stdout.readline()
+            assert line, process.stderr.read() if process.stderr else ""
+            lines.append(line)
+        url = next(line for line in lines if "scheduler  GET" in line).split("GET", 1)[1].strip()
+        create = url.replace("/scheduler/available", "/videos/create")
+        headers = {"Authorization": "Bearer tok-9"}
+        failed = httpx.post(create, json={"account": "111", "duration": 6}, headers=headers)
+        picked = httpx.post(create, json={"prompt": "x"}, headers=headers)
+        full = httpx.post(create, json={"prompt": "y"}, headers=headers)
+        available = httpx.get(url, headers=headers).json()["available"]
+    finally:
+        code, _, err = _interrupt(process)
+    assert code == 0
+    assert "Traceback" not in err
+    assert failed.status_code == 596
+    assert failed.json()["code"] == 596
+    assert "on hold" in failed.json()["error"]
+    assert picked.json()["videoId"].startswith("user:4242-minimax:222-video:")
+    assert full.status_code == 429
+    assert [row["account"] for row in available] == ["111"]  # 222: outside job + ours
+    banner = "".join(lines)
+    assert "failing    111 (596)" in banner
+    assert "outside    222 (1 slots) busy" in banner
 
 
 def test_serve_fake_port_in_use(capsys):

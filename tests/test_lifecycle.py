@@ -144,6 +144,30 @@ async def test_submit_marks_the_job_id_from_the_body(make_gate, logs, service, a
     assert gate.statistics().reserved == 0  # released by the id, not by the snapshot's age
 
 
+@pytest.mark.parametrize(
+    ("service", "body", "job_id"),
+    [
+        ("kling", {"task": {"id": 250411}}, "250411"),  # nested task.id (regression: bug 6)
+        ("pixverse", {"video_id": "user:1-pixverse:a@x.io-video:7"}, None),
+        ("tempolor", {"jobs": ["user:1-tempolor:a@x.io-job:9"]}, "user:1-tempolor:a@x.io-job:9"),
+        ("minimax", {"videoId": "user:1-minimax:a@x.io-video:12"}, None),
+    ],
+)
+async def test_submit_records_the_job_id_of_each_documented_create_answer(
+    make_gate, logs, service, body, job_id
+):
+    """submit() settles the slot with the job id where the service's create answer holds it
+    (before the fix, Kling's task.id, PixVerse's video_id and TemPolor's jobs[] gave None)."""
+    gate, _ = make_gate({A: 2}, service=service)
+
+    async def create(account: str) -> httpx.Response:
+        return httpx.Response(200, json=body)
+
+    await gate.submit(create)
+    expected = job_id if job_id is not None else next(iter(body.values()))
+    assert [e["job_id"] for e in logs if e["event"] == "capgate.settle"] == [expected]
+
+
 async def test_submit_without_job_id_counts_until_next_snapshot(make_gate):
     """A 2xx whose body names no job keeps the reservation until a newer snapshot."""
     gate, _ = make_gate({A: 2})

@@ -111,3 +111,72 @@ def test_service_is_public_and_frozen():
     assert isinstance(spec, Service)
     with pytest.raises(dataclasses.FrozenInstanceError, match=r"^cannot assign to field 'name'$"):
         spec.name = "other"  # type: ignore[misc]
+
+
+# the create answers useapi's own example scripts read (shared/reference/useapi-scheduler.md,
+# "What useapi's own example scripts send and read"), in the documented shapes
+DOCUMENTED_CREATE_ANSWERS = [
+    ("kling", {"task": {"id": 250411, "status": 5}, "works": []}, "250411"),
+    ("pixverse", {"video_id": "user:1-pixverse:a@x.io-video:7"}, "user:1-pixverse:a@x.io-video:7"),
+    ("pixverse", {"image_id": "user:1-pixverse:a@x.io-image:8"}, "user:1-pixverse:a@x.io-image:8"),
+    (
+        "tempolor",
+        {"jobs": ["user:1-tempolor:u1-job:9", "user:1-tempolor:u1-job:10"]},
+        "user:1-tempolor:u1-job:9",
+    ),
+    ("minimax", {"videoId": "user:1-minimax:acct-video:12"}, "user:1-minimax:acct-video:12"),
+    ("ltxstudio", {"jobId": "email:a@x.io:7a34-type:video"}, "email:a@x.io:7a34-type:video"),
+    ("dreamina", {"jobid": "j1v-u12345-US:a@x.io:dreamina"}, "j1v-u12345-US:a@x.io:dreamina"),
+    ("mureka", {"jobid": "j1m-u777-a123-bot:mureka"}, "j1m-u777-a123-bot:mureka"),
+    ("google-flow", {"jobId": "j1v-u1-email:a@x.io-bot:google-flow"}, None),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "job_id"), DOCUMENTED_CREATE_ANSWERS)
+def test_job_id_from_documented_create_answers(name, body, job_id):
+    """Each service's job id is read where its create answer holds it: Kling's nested
+    task.id, PixVerse's video_id then image_id, TemPolor's first jobs[], MiniMax's videoId."""
+    expected = job_id if job_id is not None else next(iter(body.values()))
+    assert get_service(name).job_id_from(body) == expected
+
+
+def test_pixverse_prefers_video_id_to_image_id():
+    """PixVerse's video_id comes before image_id, as useapi's script reads them."""
+    body = {"image_id": "img", "video_id": "vid"}
+    assert get_service("pixverse").job_id_from(body) == "vid"
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("kling", {"task": {}}),
+        ("kling", {"task": "1001"}),
+        ("kling", {"task": {"id": True}}),
+        ("tempolor", {"jobs": []}),
+        ("tempolor", {"jobs": "user:1-tempolor:u1-job:9"}),
+        ("pixverse", {"video_id": "  "}),
+        ("minimax", []),
+        ("minimax", None),
+    ],
+)
+def test_job_id_from_answers_without_an_id(name, body):
+    """An answer with no usable id (empty, blank, a bool, the wrong type) gives None."""
+    assert get_service(name).job_id_from(body) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("kling", "videos/text2video"),
+        ("minimax", "videos/create"),
+        ("pixverse", "videos/create"),
+        ("tempolor", "music/song"),
+    ],
+)
+def test_create_paths_are_the_documented_ones(name, path):
+    """The create path is the one useapi's scripts POST to (pixverse under v2)."""
+    spec = get_service(name)
+    assert spec.create_path == path
+    assert f"{spec.api_root}/{spec.create_path}".startswith(
+        f"https://api.useapi.net/{spec.version}/"
+    )

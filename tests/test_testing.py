@@ -182,10 +182,8 @@ async def test_create_and_delete_over_http():
     fake = FakeScheduler({"u1": 1}, service="tempolor")
     async with httpx.AsyncClient(transport=fake.transport()) as client:
         headers = {"Authorization": f"Bearer {fake.token}"}
-        created = await client.post(
-            fake.create_url, json={"user_id": "u1", "duration": 60}, headers=headers
-        )
-        job_id = created.json()["job_id"]
+        created = await client.post(fake.create_url, json={"user_id": "u1"}, headers=headers)
+        job_id = created.json()["jobs"][0]
         assert job_id.startswith("user:4242-tempolor:u1-job:")
         assert fake.active("u1") == 1
         base = fake.url.rsplit("/", 1)[0]

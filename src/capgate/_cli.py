@@ -142,6 +142,49 @@ def _accounts(text: str) -> dict[str, int]:
     return accounts
 
 
+#: the account-level failures ``serve-fake --fail`` can simulate (useapi-scheduler.md)
+FAKE_FAILURES = (596, 412, 402, 502, 504)
+
+
+def _pair(text: str, what: str) -> tuple[str, int]:
+    name, sep, number = text.rpartition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected ACCOUNT={what}, got {text!r}")
+    try:
+        return name.strip(), int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{what} must be a whole number, got {number.strip()!r} in {text!r}"
+        ) from None
+
+
+def _failure(text: str) -> tuple[str, int]:
+    """``a@x.io=596``: every create for that account answers that status."""
+    account, status = _pair(text, "STATUS")
+    if status not in FAKE_FAILURES:
+        known = ", ".join(map(str, FAKE_FAILURES))
+        raise argparse.ArgumentTypeError(f"STATUS must be one of {known}, got {status}")
+    return account, status
+
+
+def _outside(text: str) -> tuple[str, int]:
+    """``a@x.io=2``: two of that account's slots run jobs started outside the gate."""
+    account, slots = _pair(text, "SLOTS")
+    if slots < 1:
+        raise argparse.ArgumentTypeError(f"SLOTS must be at least 1, got {slots}")
+    return account, slots
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 # --- logging -----------------------------------------------------------------------------
 
 
@@ -756,13 +799,22 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 probe.bind(("127.0.0.1", args.port))
             except OSError as exc:
                 raise _Failure(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}") from None
+    for account, _ in [*args.fail, *args.outside]:
+        if account not in args.accounts:
+            parser.error(f"{account} is not one of --accounts ({', '.join(args.accounts)})")
     fake = FakeScheduler(
         args.accounts,
         service=args.service,
         token=args.token,
         job_duration=(args.min_duration, args.max_duration),
         seed=args.seed,
+        reply_url=args.reply_url,
+        fail_rate=args.fail_rate,
     )
+    for account, status in args.fail:
+        fake.fail_account(account, status)
+    for account, slots in args.outside:
+        fake.keep_busy(account, slots)
     try:
         with _sigterm_as_ctrl_c(), serve(fake, port=args.port) as url:
             import httpx
@@ -773,23 +825,34 @@ def _cmd_serve_fake(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             first = next(iter(args.accounts))
             accounts = ", ".join(f"{a} (maxJobs {n})" for a, n in args.accounts.items())
             service = ""  # the URL names the service
-            example = json.dumps({key: first, "duration": 30})
+            example = json.dumps({key: first, "prompt": "a red robot"})
             # a service that publishes no cap needs max_jobs= (and one that lists no
             # accounts, accounts=): the line to paste says them
             caps = ""
             if fake.spec.needs_max_jobs:
                 caps = f", max_jobs={dict(args.accounts)!r}"
+            extra = ""
+            if args.fail:
+                extra += "  failing    " + ", ".join(f"{a} ({n})" for a, n in args.fail) + "\n"
+            if args.outside:
+                busy = ", ".join(f"{a} ({n} slots)" for a, n in args.outside)
+                extra += f"  outside    {busy} busy with jobs started outside the gate\n"
+            if args.reply_url:
+                extra += f"  replyUrl   {args.reply_url} (account default)\n"
             print(
                 f"capgate serve-fake: a simulated {args.service} service on loopback "
                 "(Ctrl-C to stop)\n"
                 "\n"
                 f"  scheduler  GET  {url}\n"
                 f"  create     POST {create}\n"
-                f"             body {example}; answers 429 when the account is full\n"
+                f"             body {example}; without {key!r} the fake picks an account "
+                "with room; 429 when full\n"
+                f"  API root   {root}\n"
                 f"  token      {fake.token} (the fake's own; it accepts no other)\n"
                 f"  accounts   {accounts}\n"
-                f"  jobs run   {args.min_duration:g}-{args.max_duration:g} s unless the body "
-                'gives "duration"\n'
+                f"  jobs run   {args.min_duration:g}-{args.max_duration:g} s (a body's "
+                '"duration" is the video\'s length, not this)\n'
+                f"{extra}"
                 "\n"
                 "Try it:\n"
                 f"  USEAPI_TOKEN={fake.token} capgate status{service} --url {url}\n"
@@ -969,8 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
     fake = commands.add_parser(
         "serve-fake",
         help="serve the simulator alone on loopback, to try your own code against",
-        description="Serve the simulator on 127.0.0.1 until Ctrl-C: scheduler/available, "
-        "and a create endpoint that answers 429 when an account is full.",
+        description="Serve the simulator on 127.0.0.1 until Ctrl-C: the service's capacity "
+        "endpoint, its documented create path(s) and answer, job status, GET accounts and "
+        "replyUrl callbacks; creates answer 429 when an account is full.",
     )
     fake.add_argument(
         "--port", type=_port, default=0, help="port on 127.0.0.1 (default: a free one)"
@@ -993,6 +1057,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-duration", type=_seconds, default=120.0, metavar="S", help="(default: 120)"
     )
     fake.add_argument("--seed", type=int, default=0, help="seeds durations and ids (default: 0)")
+    fake.add_argument(
+        "--fail",
+        type=_failure,
+        action="append",
+        default=[],
+        metavar="ACCOUNT=STATUS",
+        help="every create for ACCOUNT answers STATUS: "
+        + ", ".join(map(str, FAKE_FAILURES))
+        + " (repeatable)",
+    )
+    fake.add_argument(
+        "--outside",
+        type=_outside,
+        action="append",
+        default=[],
+        metavar="ACCOUNT=SLOTS",
+        help="SLOTS of ACCOUNT's slots stay busy with jobs started outside the gate (repeatable)",
+    )
+    fake.add_argument(
+        "--fail-rate",
+        type=_rate,
+        default=0.0,
+        metavar="P",
+        help="the share of jobs that end failed instead of completed (default: 0)",
+    )
+    fake.add_argument(
+        "--reply-url",
+        default=None,
+        metavar="URL",
+        help="the account-level replyUrl: jobs created without their own are reported there",
+    )
     fake.set_defaults(func=_cmd_serve_fake, quiet=False)
     return parser
 

@@ -264,8 +264,10 @@ async def run_demo(
                     while True:
                         async with gate.slot() as slot:
                             run.waits.append(slot.waited)
-                            body = {key: slot.account, "duration": duration}
-                            response = await client.post(create_url, json=body, headers=headers)
+                            # the scenario's running time: the fake's own control header
+                            timed = {**headers, fake.RUNTIME_HEADER: repr(duration)}
+                            body = {key: slot.account}
+                            response = await client.post(create_url, json=body, headers=timed)
                             if response.status_code == 429:  # the gate should prevent this
                                 slot.mark_busy()
                                 continue

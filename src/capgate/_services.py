@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._fakeapi import FakeApi, KlingApi, LtxStudioApi, MinimaxApi, PixverseApi, TempolorApi
 from ._sources import (
     AccountsOnly,
     CapacitySource,
@@ -64,7 +65,11 @@ class Service:
         name: The service's name (``"kling"``, ``"minimax-agent"``).
         version: The API version in its path (``"v1"``, ``"v2"`` for pixverse).
         account_key: The key naming the account in create requests (and in ``available[]``).
-        job_id_keys: Keys that may hold a job's id (in ``executing[]`` and create answers).
+        job_id_keys: Keys that may hold a job's id in the capacity answers (``executing[]``).
+        create_id_paths: Where a create answer holds the new job's id, tried in order: a key
+            (``"videoId"``), a dotted path (``"task.id"``: Kling's nested task), or a list
+            whose first item is the id (``"jobs[]"``: TemPolor). Tried before
+            ``job_id_keys`` and the generic ``jobId``/``jobid``/``job_id``/``id``.
         executing_account_key: ``scheduler/available`` only: the key naming the account in
             ``executing[]``, or ``None`` when it is only embedded in the job id.
         embedded_marker: The marker after which the account appears in a job id
@@ -82,13 +87,16 @@ class Service:
             a job id, for the shapes the marker rule does not fit.
         cooldowns: The 429 reasons that take an account (or a model) out of rotation.
         guesses: What is inferred rather than documented, in words.
-        create_path: The fake's create endpoint, relative to the root.
+        create_path: The create endpoint, relative to the root (the documented one the
+            fake answers; useapi's scripts use it).
         create_status: The fake's status for a created job (201 for async creates).
         sync_create: The fake's create answers only when the job ends (the service's
             default sync mode: Flow Music, Google Flow); ``"mode": "async"`` opts out.
         job_id_format: The fake's job ids (``{n}``, ``{account}``, ``{uuid}``, ``{name}``).
         fake_started: How the fake writes ``started``: ``"iso"`` or ``"epoch_ms"``.
         fake_extra: Extra fields the fake adds to each executing row.
+        fake_api: The fake's job endpoints: create answer, job status, accounts, uploads
+            and callback body (:mod:`capgate._fakeapi`).
     """
 
     name: str
@@ -113,6 +121,8 @@ class Service:
     job_id_format: str = "user:4242-{name}:{account}-job:{n}"
     fake_started: str = "iso"
     fake_extra: tuple[tuple[str, Any], ...] = ()
+    fake_api: FakeApi = field(default_factory=FakeApi)
+    create_id_paths: tuple[str, ...] = ()
 
     @property
     def api_root(self) -> str:
@@ -126,15 +136,19 @@ class Service:
         return f"{self.api_root}/{path}" if path else self.api_root
 
     def job_id_from(self, body: object) -> str | None:
-        """The job id in a create response's JSON body (``id``, ``jobId``, ``videoId``…)."""
+        """The job id in a create answer's JSON body, or ``None`` when it holds none.
+
+        The service's own places come first (:attr:`create_id_paths`: Kling's ``task.id``,
+        PixVerse's ``video_id`` then ``image_id``, TemPolor's first ``jobs[]``), then its
+        :attr:`job_id_keys`, then the generic ``jobId``, ``jobid``, ``job_id`` and ``id``.
+        """
         if not isinstance(body, dict):
             return None
-        for key in (*self.job_id_keys, "jobId", "jobid", "job_id", "id"):
-            value = body.get(key)
-            if isinstance(value, str) and value.strip():
-                return value.strip()
-            if isinstance(value, int) and not isinstance(value, bool):
-                return str(value)
+        paths = (*self.create_id_paths, *self.job_id_keys, "jobId", "jobid", "job_id", "id")
+        for path in paths:
+            found = _id_text(_dig(body, path))
+            if found is not None:
+                return found
         return None
 
     def account_from_job_id(self, job_id: str) -> str | None:
@@ -158,6 +172,30 @@ class Service:
             end = dash
         account = job_id[start:] if end < 0 else job_id[start:end]
         return account or None
+
+
+def _dig(body: Mapping[str, Any], path: str) -> object:
+    """The value at ``path`` in ``body``: ``"a.b"`` descends into objects, and a trailing
+    ``[]`` takes the first item of a list (``"jobs[]"``)."""
+    value: object = body
+    for part in path.split("."):
+        first = part.endswith("[]")
+        name = part[:-2] if first else part
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(name)
+        if first:
+            value = value[0] if isinstance(value, list) and value else None
+    return value
+
+
+def _id_text(value: object) -> str | None:
+    """A job id as text: a non-blank string, or an integer (Kling's ids are numbers)."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 @dataclass(frozen=True)
@@ -215,6 +253,8 @@ SERVICES: dict[str, Service] = {
             status="retired",
             retired_on="2026-03-09",
             job_id_format="email:{account}:{uuid}-type:video",
+            # GUESS: the create path is not in the reference; the job status is documented
+            fake_api=LtxStudioApi(),
         ),
         _family(
             "kling",
@@ -222,10 +262,23 @@ SERVICES: dict[str, Service] = {
             "email",
             ("id", "jobId"),
             "email",
+            create_id_paths=("task.id",),
+            create_path="videos/text2video",
             job_id_format="{n}",
             fake_started="epoch_ms",
+            fake_api=KlingApi(),
         ),
-        _family("tempolor", "v1", "user_id", ("job_id",), None, "-tempolor:"),
+        _family(
+            "tempolor",
+            "v1",
+            "user_id",
+            ("job_id",),
+            None,
+            "-tempolor:",
+            create_id_paths=("jobs[]",),
+            create_path="music/song",
+            fake_api=TempolorApi(),
+        ),
         _family(
             "riffusion",
             "v1",
@@ -234,6 +287,7 @@ SERVICES: dict[str, Service] = {
             "user_id",
             status="retired",
             retired_on="2025-03-28",
+            create_path="music/create-prompt",
         ),
         _family(
             "minimax",
@@ -242,7 +296,10 @@ SERVICES: dict[str, Service] = {
             ("videoId", "imageId"),
             None,
             "-minimax:",
+            create_id_paths=("videoId", "imageId"),
+            create_path="videos/create",
             job_id_format="user:4242-minimax:{account}-video:{n}",
+            fake_api=MinimaxApi(),
         ),
         _family(
             "pixverse",
@@ -251,9 +308,12 @@ SERVICES: dict[str, Service] = {
             ("id",),
             None,
             "-pixverse:",
+            create_id_paths=("video_id", "image_id"),
+            create_path="videos/create",
             job_id_format="user:4242-pixverse:{account}-video:{n}",
             fake_started="epoch_ms",
             fake_extra=(("type", "video"),),
+            fake_api=PixverseApi(),
         ),
         Service(
             "dreamina",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from ._errors import PollError
@@ -72,7 +71,6 @@ RARE_EVERY = 300.0
 #: ``get(path)``: GET ``<API root>/<path>``, decoded JSON (``None`` for an empty answer)
 Get = Callable[[str], Awaitable[Any]]
 
-_EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
 NO_ROUTE: Any = object()
 
 
@@ -239,7 +237,7 @@ class SchedulerAvailable(CapacitySource):
             row: dict[str, Any] = {spec.job_id_keys[0]: job.wire_id}
             if spec.executing_account_key is not None:
                 row[spec.executing_account_key] = job.account
-            started = _EPOCH + timedelta(seconds=job.start)
+            started = fake.wall_time(job.start)  # wall-clock, as useapi writes it
             if spec.fake_started == "epoch_ms":
                 row["started"] = int(started.timestamp() * 1000)
             else:
@@ -463,7 +461,7 @@ class JobList(CapacitySource):
                     "type": "video",
                     "account": j.account,
                     "model": j.model or "ray-v3-flash",
-                    "created": (_EPOCH + timedelta(seconds=j.start))
+                    "created": fake.wall_time(j.start)
                     .isoformat(timespec="milliseconds")
                     .replace("+00:00", "Z"),
                 }

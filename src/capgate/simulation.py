@@ -834,8 +834,9 @@ class _Env:
             )
         response = await self.client.post(
             self.create_url,
-            json={self.spec.account_key: account, "duration": duration},
-            headers=self.headers,
+            json={self.spec.account_key: account},
+            # the scenario's running time for this job (the fake's own control)
+            headers={**self.headers, FakeScheduler.RUNTIME_HEADER: repr(duration)},
         )
         if response.is_success:  # 200, or 201 (mureka)
             job_id = self.spec.job_id_from(response.json())
