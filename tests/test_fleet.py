@@ -854,3 +854,15 @@ async def test_fleet_survives_counts_too_big_for_a_double():
         finally:
             await gate.aclose()
             delete_namespace(namespace)
+
+
+def test_the_fleets_snapshot_keeps_each_jobs_age() -> None:
+    """Members read the snapshot back from Redis: each job's elapsed seconds survive it
+    (what a member's forecast learns durations from)."""
+    from capgate import AccountCapacity, ExecutingJob, Snapshot
+    from capgate._engine.fleet import _decode_snapshot, _encode_snapshot
+
+    job = ExecutingJob("j1", "a", None, "03:45", 225.0)
+    snapshot = Snapshot("kling", (AccountCapacity("a", 5, 1, 4),), (job,), 10.0, 10.5)
+    back = _decode_snapshot("kling", _encode_snapshot(snapshot), 10.0)
+    assert back.executing[0].elapsed_seconds == 225.0

@@ -263,3 +263,94 @@ async def test_invalidate_calls_off_a_poll_put_off_by_the_forecast(make_gate):
     assert put_off > 10
     assert called_off is not None
     assert called_off <= 0.5
+
+
+# --- odd inputs ---------------------------------------------------------------------------
+
+
+def test_an_infinite_floor_is_answered_as_is():
+    """A fleet whose store is down has no poll due (inf): nothing to plan, no error."""
+    forecast = learnt([100 + i % 10 for i in range(DEFER_SAMPLES + 4)])
+    forecast.observe(snap(1000, ("new", "a", 0)))
+    assert forecast.next_poll(floor=math.inf, interval=5) == math.inf
+
+
+def test_a_job_running_before_the_first_snapshot_with_no_elapsed_has_no_age():
+    """Listed by the first snapshot with no elapsed, it was running for who knows how
+    long: it is not given the midpoint of the next two polls as its start."""
+    forecast = Forecast()
+    job = ExecutingJob("j", "a", None, None, None)
+    rows = (AccountCapacity("a", 5, 1, 4),)
+    forecast.observe(Snapshot("kling", rows, (job,), 0.0, 0.0))
+    forecast.observe(Snapshot("kling", rows, (job,), 10.0, 10.0))
+    assert "j" not in forecast._jobs
+
+
+def test_jobs_gone_behind_skipped_rows_are_let_go_in_time():
+    """A service that always sends one malformed row: a job missing for longer than any
+    poll gap is not followed forever (it teaches nothing either)."""
+    forecast = Forecast()
+    for k in range(200):  # every poll lists five new jobs; the old ones are gone
+        jobs = [(f"j{k}-{i}", "a", 1.0) for i in range(5)]
+        forecast.observe(snap(10.0 * k, *jobs, skipped=1))
+    assert len(forecast._jobs) < 100
+    assert "a" not in forecast._by_account
+
+
+def test_a_slow_poll_interval_still_teaches_durations():
+    """With polls a minute apart every end lies in a 60 s gap: still learnt."""
+    forecast = Forecast(interval=60.0)
+    at = 0.0
+    jobs = {f"old-{i}": 300.0 + 7 * i for i in range(MIN_SAMPLES + 2)}
+    while jobs:
+        forecast.observe(snap(at, *[(j, "a", at) for j in jobs]))
+        jobs = {j: d for j, d in jobs.items() if d > at}
+        at += 60.0
+    forecast.observe(snap(at))
+    assert forecast.ready
+
+
+def test_a_probe_is_on_the_account_the_latest_snapshot_lists_the_job_under():
+    """A job id listed under b, then under c: the probe frees a slot on c."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(2000, ("x", "b", 50)))
+    forecast.observe(snap(2005, ("x", "c", 55)))
+    freed, _ = forecast.probably_freed(2005, lag=15)
+    assert freed == {"c": 1}
+
+
+# --- placement ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("medians", "granted"), [({"a": 90, "b": 45}, "b"), ({"a": 60, "b": 45}, "a")]
+)
+async def test_most_available_prefers_an_account_whose_jobs_end_markedly_sooner(medians, granted):
+    """a has the most free slots; b's jobs end in half the time (granted there), or in
+    three quarters of it (not markedly sooner: a, as most_available says)."""
+    from capgate._config import check_config
+    from capgate._engine.local import MemoryStore
+
+    config = check_config(
+        "t",
+        service="kling",
+        url=None,
+        poll_interval=5.0,
+        accounts=None,
+        max_jobs=None,
+        strategy="most_available",
+        quarantine_for=60.0,
+        poll_timeout=30.0,
+        max_backoff=None,
+        jitter=0.0,
+    )
+    store = MemoryStore(config)
+    ticket = await store.begin_poll(force=True)
+    assert not isinstance(ticket, float)
+    rows = (AccountCapacity("a", 5, 0, 5), AccountCapacity("b", 2, 0, 2))
+    await store.apply(ticket, Snapshot("kling", rows, (), ticket.sent, ticket.sent), 5.0)
+    store.prefer_faster(medians)
+    lease = store.grant_nowait(None, ticket.sent)
+    assert lease is not None
+    assert lease.account == granted

@@ -19,7 +19,6 @@ from hypothesis.stateful import (
 
 from capgate import AccountCapacity, ExecutingJob, Snapshot
 from capgate._engine.ledger import Ledger
-from capgate._policy import UNLISTED_GRACE
 
 
 class Clock:
@@ -82,30 +81,6 @@ def test_counts_that_do_not_lag_teach_no_lag(ledger, clock):
     clock.now = 10
     ledger.apply_snapshot(snap_at(10, ("a", 2, 0)), ledger.tick())
     assert ledger.lag == 0
-
-
-def test_a_job_never_listed_counts_for_the_unlisted_grace(ledger, clock):
-    """A job missing from the counts after its create may be the first sign of a lag: it
-    counts until a snapshot requested more than UNLISTED_GRACE after its settle."""
-    ledger.apply_snapshot(snap_at(0, ("a", 2, 0)), ledger.tick())
-    res = ledger.reserve("a")
-    ledger.settle(res, "job-1")  # it ends before any poll sees it
-    clock.now = 5
-    ledger.apply_snapshot(snap_at(5, ("a", 2, 0)), ledger.tick())
-    assert ledger.pending("a") == 1
-    clock.now = UNLISTED_GRACE + 1
-    ledger.apply_snapshot(snap_at(clock.now, ("a", 2, 0)), ledger.tick())
-    assert ledger.pending("a") == 0
-    assert ledger.lag == 0
-
-
-def test_a_settle_without_job_id_stops_counting_at_the_next_snapshot(ledger, clock):
-    """With no lag known and no job id to look for, rule 2 holds as is."""
-    ledger.apply_snapshot(snap_at(0, ("a", 2, 0)), ledger.tick())
-    res = ledger.reserve("a")
-    ledger.settle(res, None)
-    clock.now = 5
-    ledger.apply_snapshot(snap_at(5, ("a", 2, 0)), ledger.tick())
     assert ledger.pending("a") == 0
 
 
@@ -128,13 +103,12 @@ def test_once_lag_is_known_a_job_counts_until_listed(ledger, clock):
 
 
 def test_a_lagging_reservation_stops_counting_past_the_lag(ledger, clock):
-    """A reservation still missed more than the known lag (and the unlisted grace) after
-    its settle stops counting."""
+    """A reservation still missed more than the known lag after its settle stops counting."""
     _lagging_start(ledger, clock)
     clock.now = 20
     res = ledger.reserve("a")
     ledger.settle(res, "job-2")
-    clock.now = 20 + max(16, UNLISTED_GRACE) + 1
+    clock.now = 37
     ledger.apply_snapshot(snap_at(clock.now, ("a", 2, 0)), ledger.tick())
     assert ledger.pending("a") == 0
 
@@ -347,8 +321,6 @@ class Res:
     job: str | None = None  # the job created on the server for it, if any
     settled_tick: int | None = None
     settled_with: str | None = None
-    settled_at: float = 0.0
-    missed: bool = False  # kept by the unlisted grace after a snapshot missed its job
     counting: bool = True
 
 
@@ -395,7 +367,6 @@ class LedgerMachine(RuleBasedStateMachine):
         self.applied: Poll | None = None
         self.model: list[Res] = []
         self.ids = 0
-        self.prompt = False
 
     def cap(self, account: str) -> int:
         limit = self.server.max_jobs[account]
@@ -437,24 +408,11 @@ class LedgerMachine(RuleBasedStateMachine):
         self.applied_tick = poll.tick
         self.applied = poll
         for res in self.model:
-            listed = res.settled_with is not None and res.settled_with in poll.jobs
-            if res.counting and listed and not res.missed and res.settled_tick < poll.tick:
-                self.prompt = True  # listed by the first snapshot after its settle
-        for res in self.model:
             if res.counting and res.settled_tick is not None:
                 reflected = res.settled_tick < poll.tick
                 listed = res.settled_with is not None and res.settled_with in poll.jobs
-                # until the counts are seen to be prompt, a job id not listed yet is
-                # waited for, up to the unlisted grace
-                waited = (
-                    res.settled_with is not None
-                    and not self.prompt
-                    and self.clock.now - res.settled_at <= UNLISTED_GRACE
-                )
-                if listed or (reflected and not waited):
+                if reflected or listed:
                     res.counting = False
-                elif reflected:
-                    res.missed = True
 
     @precondition(lambda self: self.server.jobs)
     @rule(data=st.data())
@@ -495,7 +453,6 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.settle(res.handle, res.job if with_id else None)
         res.settled_tick = res.handle.settled_tick
         res.settled_with = res.job if with_id else None
-        res.settled_at = self.clock.now
         snapshot = self.ledger.snapshot
         listed = snapshot is not None and res.settled_with is not None
         if listed and snapshot.lists_job(res.settled_with):
@@ -621,3 +578,55 @@ def test_the_snapshot_that_shows_the_lag_keeps_the_other_reservations(ledger, cl
     ledger.apply_snapshot(snap_at(3, ("a", 3, 1), jobs=(("job-1", "a"),)), ledger.tick())
     assert ledger.lag == pytest.approx(3)
     assert ledger.pending("a") == 1
+
+
+# --- probes on counts that lag (issue 16) ------------------------------------------------------
+
+
+def _running(n: int) -> tuple[ExecutingJob, ...]:
+    return tuple(ExecutingJob(f"j{i}", "a", None, None, 10.0) for i in range(n))
+
+
+def test_a_probe_frees_a_slot_on_a_full_account():
+    """Five of five run and one has probably ended: one probe."""
+    ledger = Ledger(lambda: 0.0)
+    ledger.apply_snapshot(
+        Snapshot("kling", (AccountCapacity("a", 5, 5, 0),), _running(5), 0.0, 0.0),
+        ledger.tick(),
+    )
+    ledger.expect_freed({"a": 1})
+    assert ledger.free("a") == 1
+
+
+def test_a_probe_never_lets_an_account_above_its_local_cap():
+    """max_jobs=3 and five run: one probably ended leaves four, still above the cap."""
+    ledger = Ledger(lambda: 0.0, max_jobs=3)
+    ledger.apply_snapshot(
+        Snapshot("kling", (AccountCapacity("a", 10, 5, 5),), _running(5), 0.0, 0.0),
+        ledger.tick(),
+    )
+    ledger.expect_freed({"a": 1})
+    assert ledger.free("a") == 0
+
+
+def test_a_probe_never_lets_an_account_above_the_servers_max_jobs():
+    """maxJobs 3 and the server counts five: one ended leaves four, a sure 429."""
+    ledger = Ledger(lambda: 0.0)
+    ledger.apply_snapshot(
+        Snapshot("kling", (AccountCapacity("a", 3, 5, 0),), _running(5), 0.0, 0.0),
+        ledger.tick(),
+    )
+    ledger.expect_freed({"a": 1})
+    assert ledger.free("a") == 0
+
+
+def test_the_lag_floor_is_never_above_the_lag():
+    """Both come from the same recent observations: an old, long lag leaves them together."""
+    from capgate._policy import LAG_SAMPLES
+
+    ledger = Ledger(lambda: 0.0)
+    ledger._learn_lag(25.0, 20.0)
+    for _ in range(LAG_SAMPLES):
+        ledger._learn_lag(3.0, 2.0)
+    assert ledger.lag == 3.0
+    assert ledger.lag_floor == 2.0

@@ -18,7 +18,6 @@ __all__ = [
     "LAG_SAMPLES",
     "MAX_POLL_INTERVAL",
     "MAX_RETRY_AFTER",
-    "UNLISTED_GRACE",
     "WATCH_FOR",
     "WATCH_MAX",
     "CreateOutcome",
@@ -39,10 +38,6 @@ MAX_RETRY_AFTER = 3600.0
 LAG_MARGIN = 1.0
 #: the lag is the largest of this many recent observations
 LAG_SAMPLES = 32
-#: until the counts are seen to be prompt, a reservation settled with a job id counts until
-#: a snapshot lists that job, or one requested this long (seconds) after its settle: a job
-#: missing from the counts just after its create is the first sign that they lag
-UNLISTED_GRACE = 30.0
 #: how long (seconds) and how many dropped job ids are watched for a late listing
 WATCH_FOR = 600.0
 WATCH_MAX = 1024

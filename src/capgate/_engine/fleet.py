@@ -86,7 +86,6 @@ from .._policy import (
     INVALIDATE_FLOOR,
     LAG_MARGIN,
     LAG_SAMPLES,
-    UNLISTED_GRACE,
     WATCH_FOR,
     WATCH_MAX,
     backoff_delay,
@@ -306,6 +305,9 @@ def _encode_snapshot(snapshot: Snapshot) -> str:
                 ]
                 for j in snapshot.executing
             ],
+            # each job's age in seconds, apart from "e" so that a reader that knows only
+            # "e" (an older member, mid-upgrade) still reads the snapshot
+            "es": [j.elapsed_seconds for j in snapshot.executing],
             "k": snapshot.skipped,
             "d": snapshot.received_at - snapshot.requested_at,
         },
@@ -315,12 +317,19 @@ def _encode_snapshot(snapshot: Snapshot) -> str:
 
 def _decode_snapshot(service: str, text: str, requested_at: float) -> Snapshot:
     data = json.loads(text)
+    ages = data.get("es") or [None] * len(data["e"])
     return Snapshot(
         service=service,
         accounts=tuple(AccountCapacity(a, m, e, v) for a, m, e, v in data["a"]),
         executing=tuple(
-            ExecutingJob(j, a, None if s is None else datetime.fromisoformat(s), el)
-            for j, a, s, el in data["e"]
+            ExecutingJob(
+                j,
+                a,
+                None if s is None else datetime.fromisoformat(s),
+                el,
+                None if age is None else float(age),
+            )
+            for (j, a, s, el), age in zip(data["e"], ages, strict=False)
         ),
         requested_at=requested_at,
         received_at=requested_at + float(data.get("d", 0.0)),
@@ -751,7 +760,6 @@ class FleetStore:
                     floor=INVALIDATE_FLOOR,
                     lag_margin=LAG_MARGIN,
                     lag_samples=LAG_SAMPLES,
-                    unlisted_grace=UNLISTED_GRACE,
                     watch_for=WATCH_FOR,
                     watch_max=WATCH_MAX,
                     **self._dispatching,

@@ -19,14 +19,14 @@ per short step of time ahead.
 
 When to poll (:meth:`Forecast.next_poll`). While every slot is taken, the next poll is put
 off past its floor (``poll_interval`` after the last) for as long as fewer than
-:data:`UNLIKELY` slots are expected to have freed since the snapshot, at most
-:data:`MAX_DEFER` intervals: fewer requests while nothing can end, none of the makespan.
-It never goes earlier than the floor, and it does not try to land just after a predicted
-end: a poll a little past the floor waits on every slot the forecast did not see coming,
-and measured on the benchmarks such shifts cost more than they caught (how the lower bound
-of timing alone compares is in benchmarks/README.md). Without enough history (fewer than
-:data:`MIN_SAMPLES` durations over every account), or with a job older than any seen to
-end, the answer is the floor: the gate polls as it always did.
+:data:`UNLIKELY` slots are expected to have freed since the snapshot (at most
+:data:`MAX_DEFER` intervals), and from there, by less than one interval, to the phase that
+sees the ends that follow the soonest: just after a likely end rather than just before it.
+It never goes earlier than the floor, and while an end is not unlikely it stays at the
+floor: measured on the benchmarks, moving polls that could already catch an end cost more
+than it caught (how much poll timing can gain at all is in benchmarks/README.md). Putting a
+poll off takes the durations of :data:`DEFER_SAMPLES` jobs; with fewer, or with a job older
+than any seen to end, the answer is the floor: the gate polls as it always did.
 
 Counts that lag (:meth:`Forecast.probably_freed`): a job listed by a snapshot that shows
 the account ``lag`` seconds late may have ended since; the listed jobs that have, with
@@ -64,13 +64,15 @@ STEP_SHARE = 0.05
 UNLIKELY = 0.03
 #: ... by durations of at least this many jobs (per account, or over all accounts)
 DEFER_SAMPLES = 20
-#: with most_available, a grant goes to an account with room whose median duration is at
-#: most this share of the pick's (jobs there end markedly sooner)
+#: with most_available, a grant goes to an account with room whose median duration is
+#: under this share of the pick's (jobs there end markedly sooner)
 FASTER = 2 / 3
 #: jobs followed at most (the oldest are forgotten first)
 MAX_FOLLOWED = 100_000
 #: with counts that lag, a listed job is taken as ended (a probe) once it is this likely
-PROBE_CONFIDENCE = 0.9
+PROBE_CONFIDENCE = 0.95
+#: at most this many listed jobs per account are weighed for probes (the likeliest)
+TAIL_EVENTS = 64
 #: how often (seconds) the chances are weighed again between snapshots
 PROBE_RECHECK = 1.0
 
@@ -191,12 +193,17 @@ class _Job:
 class Forecast:
     """Durations per account, learnt from the snapshots; when the next poll should go."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 5.0) -> None:
         self._jobs: dict[str, _Job] = {}
+        self._ageless: set[str] = set()  # listed from the first snapshot on, with no elapsed
         self._by_account: dict[str, Durations] = {}
         self._pooled = Durations(POOLED_KEPT)
         self._latest: Snapshot | None = None
-        self._previous_at: float | None = None
+        # the latest snapshot's followed jobs, per account (what outlook() looks at)
+        self._listed: dict[str | None, list[_Job]] = {}
+        # an end seen between snapshots further apart than this teaches nothing; a poll
+        # put off MAX_DEFER intervals leaves such gaps, so it scales with the interval
+        self._max_censor = max(MAX_CENSOR, (MAX_DEFER + 2) * interval)
 
     # --- learning --------------------------------------------------------------------------
 
@@ -208,29 +215,39 @@ class Forecast:
         at = snapshot.requested_at
         previous = None if latest is None else latest.requested_at
         listed = set()
+        by_account: dict[str | None, list[_Job]] = {}
         for job in snapshot.executing:
             listed.add(job.job_id)
             known = self._jobs.get(job.job_id)
             if known is not None:
                 known.last_seen = at
+                known.account = job.account  # where it is listed now (an id may move)
+            elif job.job_id in self._ageless:
                 continue
-            if job.elapsed_seconds is not None:
+            elif job.elapsed_seconds is not None:
                 start = at - job.elapsed_seconds - 0.5  # whole seconds, rounded down
+                known = self._jobs[job.job_id] = _Job(job.account, start, at)
             elif previous is not None:
                 start = (previous + at) / 2  # first listed now, not before
+                known = self._jobs[job.job_id] = _Job(job.account, start, at)
             else:
-                continue  # its age is unknown: it teaches nothing
-            self._jobs[job.job_id] = _Job(job.account, start, at)
-        if not snapshot.skipped:  # a row left out may be a job that still runs
-            for job_id in [j for j in self._jobs if j not in listed]:
-                ended = self._jobs.pop(job_id)
-                lo, hi = ended.last_seen - ended.start, at - ended.start
-                if hi - lo <= MAX_CENSOR:
-                    self._learn(ended.account, lo, hi)
+                self._ageless.add(job.job_id)  # running since before we looked: no age
+                continue
+            by_account.setdefault(job.account, []).append(known)
+        self._ageless &= listed
+        for job_id in [j for j in self._jobs if j not in listed]:
+            gone = self._jobs[job_id]
+            lo, hi = gone.last_seen - gone.start, at - gone.start
+            if not snapshot.skipped:  # a row left out may be a job that still runs
+                del self._jobs[job_id]
+                if hi - lo <= self._max_censor:
+                    self._learn(gone.account, lo, hi)
+            elif at - gone.last_seen > self._max_censor:
+                del self._jobs[job_id]  # missing too long to be a skipped row: let it go
         while len(self._jobs) > MAX_FOLLOWED:
             del self._jobs[next(iter(self._jobs))]
         self._latest = snapshot
-        self._previous_at = previous
+        self._listed = by_account
         # what still runs is evidence too: durations at least this long
         ages: dict[str | None, list[float]] = {}
         for followed in self._jobs.values():
@@ -280,7 +297,8 @@ class Forecast:
         jobs = []
         for listed in latest.executing:
             job = self._jobs.get(listed.job_id)
-            if accounts is not None and listed.account not in (None, *accounts):
+            account = listed.account
+            if accounts is not None and account is not None and account not in accounts:
                 continue
             if job is None:
                 return None
@@ -292,21 +310,25 @@ class Forecast:
 
     @staticmethod
     def _expected(
-        jobs: Iterable[tuple[_Job, Durations]], origin: float, step: float, n: int
-    ) -> list[float]:
-        """Slots expected to free in each of ``n`` steps from ``origin``."""
-        freed = [0.0] * n
+        jobs: Iterable[tuple[_Job, Durations]], origin: float, step: float, first: int, n: int
+    ) -> tuple[float, list[float]]:
+        """Slots expected to free from ``origin`` until step ``first``, and in each step
+        from ``first`` to ``n`` (a floor far off costs one step, not thousands)."""
+        early = 0.0
+        freed = [0.0] * (n - first)
         for job, durations in jobs:
             age = origin - job.start
-            before = durations.cdf(age)
-            alive = 1.0 - before
+            at_origin = durations.cdf(age)
+            alive = 1.0 - at_origin
             if alive <= 1e-9:
                 continue
-            for k in range(n):
-                after = durations.cdf(age + (k + 1) * step)
+            before = durations.cdf(age + first * step)
+            early += (before - at_origin) / alive
+            for k in range(n - first):
+                after = durations.cdf(age + (first + k + 1) * step)
                 freed[k] += (after - before) / alive
                 before = after
-        return freed
+        return early, freed
 
     def next_poll(
         self, *, floor: float, interval: float, accounts: Collection[str] | None = None
@@ -325,8 +347,10 @@ class Forecast:
             accounts: The accounts whose slots matter (``None``: every account).
         """
         latest = self._latest
+        if latest is None or interval <= 0 or not math.isfinite(floor):
+            return floor
         jobs = self._running(accounts, DEFER_SAMPLES)
-        if latest is None or not jobs or interval <= 0:
+        if not jobs:
             return floor  # too little history, or nothing listed to forecast: as without
         origin = latest.requested_at
         step = interval * STEP_SHARE
@@ -334,15 +358,17 @@ class Forecast:
         start = max(0, math.ceil((floor - origin) / step))  # the floor, in steps
         last = start + MAX_DEFER * width
         horizon = last + 4 * width  # the phase is judged over a few intervals past it
-        freed = self._expected(jobs, origin, step, horizon)
-        mass = [0.0]
-        moment = [0.0]  # sums of h(s) and of h(s) * s, s in steps from the origin
-        for k, h in enumerate(freed):
+        early, freed = self._expected(jobs, origin, step, start, horizon)
+        if early >= UNLIKELY:
+            return floor  # a slot may well have freed by the floor already
+        # sums of h(s) and of h(s) * s up to each step (s in steps from the origin), those
+        # before the floor taken at the floor: every candidate below sees them alike
+        mass = [0.0] * start + [early]
+        moment = [0.0] * start + [early * start]
+        for k, h in enumerate(freed, start):
             mass.append(mass[-1] + h)
             moment.append(moment[-1] + h * (k + 0.5))
-        likely = next((k for k in range(start, last) if mass[k] >= UNLIKELY), last)
-        if likely <= start:
-            return floor  # a slot may well have freed by the floor already
+        likely = next((k for k in range(start + 1, last) if mass[k] >= UNLIKELY), last)
         # put off to `likely`, then on (by less than an interval) to the phase that sees
         # what frees next the soonest: polls at t, t + interval, ... until the horizon;
         # a slot freed in [since, seen) waits seen - s to be seen
@@ -409,10 +435,7 @@ class Forecast:
             return Outlook(median, None)
         origin = latest.requested_at
         alive: list[tuple[float, float]] = []  # (age, chance it runs at the origin)
-        for listed in latest.executing:
-            job = self._jobs.get(listed.job_id)
-            if job is None or job.account != account:
-                continue
+        for job in self._listed.get(account, ()):
             age = origin - job.start
             if not durations.covers(age):
                 return Outlook(median, None)
@@ -441,9 +464,13 @@ class Forecast:
 
 def _surely_at_least(chances: list[float], confidence: float) -> int:
     """The largest ``k`` with ``P(at least k of the events happened) >= confidence``, the
-    events independent with the given ``chances`` (a Poisson-binomial tail)."""
+    events independent with the given ``chances`` (a Poisson-binomial tail).
+
+    Only the :data:`TAIL_EVENTS` likeliest events are counted: quadratic in what it counts,
+    and leaving events out only makes the answer smaller (never a probe too many).
+    """
     dist = [1.0]  # dist[k] = P(exactly k so far)
-    for p in chances:
+    for p in sorted(chances, reverse=True)[:TAIL_EVENTS]:
         nxt = [0.0] * (len(dist) + 1)
         for k, q in enumerate(dist):
             nxt[k] += q * (1 - p)

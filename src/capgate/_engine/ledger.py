@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .._models import AccountCapacity, Snapshot
-from .._policy import LAG_MARGIN, LAG_SAMPLES, UNLISTED_GRACE, WATCH_FOR, WATCH_MAX
+from .._policy import LAG_MARGIN, LAG_SAMPLES, WATCH_FOR, WATCH_MAX
 
-__all__ = ["Ledger", "Reservation", "cap_for", "row_limit"]
+__all__ = ["Ledger", "Reservation", "cap_for", "row_limit", "row_room"]
 
 
 def cap_for(row: AccountCapacity, caps: int | Mapping[str, int] | None) -> int | None:
@@ -59,10 +59,18 @@ def row_limit(snapshot: Snapshot, row: AccountCapacity, cap: int | None) -> int:
     ``running`` is the row's count, or the jobs ``executing[]`` lists for the account when
     the row does not say (a row with only ``available``): those jobs hold slots of the cap.
     """
+    return max(0, row_room(snapshot, row, cap))
+
+
+def row_room(snapshot: Snapshot, row: AccountCapacity, cap: int | None) -> int:
+    """:func:`row_limit` before it is clamped at 0: negative while the account runs more
+    jobs than its cap (or the server's ``maxJobs``) allows."""
     limit = row.free
+    if row.max_jobs is not None and row.executing is not None:
+        limit = min(limit, row.max_jobs - row.executing)
     if cap is not None:
         limit = min(limit, cap - (snapshot.running(row.account) or 0))
-    return max(0, limit)
+    return limit
 
 
 @dataclass(slots=True)  # one per grant: quicker to build, and smaller while it counts
@@ -104,6 +112,7 @@ class Ledger:
         self._pending: Counter[str] = Counter()
         self._snapshot: Snapshot | None = None
         self._limits: dict[str, int] = {}  # per account: room before reservations
+        self._rooms: dict[str, int] = {}  # the same, not clamped at 0 (over its cap: < 0)
         # per account: listed jobs that have probably ended since (counts that lag; see
         # forecast.py), granted as probes until the next snapshot
         self._expected: dict[str, int] = {}
@@ -113,13 +122,10 @@ class Ledger:
         # (account, model) -> (until, reason): out of rotation for that model only
         self._model_quarantine: dict[tuple[str, str], tuple[float | None, str]] = {}
         self._lag = 0.0
-        self._lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)
+        # (at most, at least) per late listing: the lag is the largest "at most" of the
+        # recent ones, the floor the largest "at least" (never above the lag)
+        self._lag_samples: deque[tuple[float, float]] = deque(maxlen=LAG_SAMPLES)
         self._lag_floor = 0.0
-        # the unlisted grace (see apply_snapshot) holds until a job of ours is listed by the
-        # first snapshot after its settle (the counts are prompt), and never for the
-        # reservations settled before an invalidate() (news that jobs ended)
-        self._prompt = False
-        self._grace_tick = 0
         # dropped job id -> (when it was settled, when a snapshot first missed it)
         self._watch: dict[str, tuple[float, float]] = {}
 
@@ -150,7 +156,8 @@ class Ledger:
             return
         self._snapshot = snapshot
         self._snapshot_tick = sent_tick
-        self._limits = {row.account: self._limit(snapshot, row) for row in snapshot.accounts}
+        self._rooms = {r.account: row_room(snapshot, r, self.cap(r)) for r in snapshot.accounts}
+        self._limits = {account: max(0, room) for account, room in self._rooms.items()}
         self._expected = {}
         seen_at = snapshot.requested_at
         # this snapshot's own evidence of lag counts for what it releases
@@ -158,8 +165,6 @@ class Ledger:
             listed = res.job_id is not None and snapshot.lists_job(res.job_id)
             if listed and res.missed_at is not None:
                 self._learn_lag(seen_at - res.settled_at, res.missed_at - res.settled_at)
-            elif listed and res.settled_tick is not None and res.settled_tick < sent_tick:
-                self._prompt = True  # listed by the first snapshot after its settle
         self._watch_for_lag(snapshot)
         allowance = self._lag * LAG_MARGIN
         for res in list(self._reservations.values()):
@@ -168,13 +173,7 @@ class Ledger:
             if res.job_id is not None and snapshot.lists_job(res.job_id):
                 self._drop(res)
             elif res.settled_tick < sent_tick:
-                keep = allowance
-                graced = not self._prompt and res.settled_tick > self._grace_tick
-                if res.job_id is not None and graced:
-                    # until the counts are seen to be prompt, a job missing just after its
-                    # create may be the first sign that they lag: wait for it a while
-                    keep = max(keep, UNLISTED_GRACE)
-                if keep > 0 and seen_at - res.settled_at <= keep:
+                if allowance > 0 and seen_at - res.settled_at <= allowance:
                     res.missed_at = seen_at  # the counts lag: keep counting it for now
                     continue
                 if res.job_id is not None:
@@ -199,9 +198,9 @@ class Ledger:
 
     def _learn_lag(self, evidence: float, floor: float = 0.0) -> None:
         if evidence > 0:
-            self._lag_samples.append(evidence)
-            self._lag = max(self._lag_samples)
-            self._lag_floor = max(self._lag_floor, min(floor, evidence))
+            self._lag_samples.append((evidence, min(floor, evidence)))
+            self._lag = max(most for most, _ in self._lag_samples)
+            self._lag_floor = min(self._lag, max(least for _, least in self._lag_samples))
 
     def _watch_for_lag(self, snapshot: Snapshot) -> None:
         """A job dropped by rule 2 that a later snapshot lists shows the counts lag."""
@@ -235,11 +234,6 @@ class Ledger:
         res.job_id = job_id
         if job_id is not None and self._snapshot is not None and self._snapshot.lists_job(job_id):
             self._drop(res)
-
-    def ended_news(self) -> None:
-        """Jobs have ended (``invalidate()``): a job settled before now and missing from
-        the next snapshot ended; the unlisted grace no longer holds it."""
-        self._grace_tick = self.tick()
 
     def give_back(self, res: Reservation) -> bool:
         """The holder never used the slot: it stops counting at once. True if it counted."""
@@ -286,10 +280,24 @@ class Ledger:
 
     def room(self, account: str) -> int:
         """The accounting rule alone, ignoring busy marks and quarantine."""
-        limit = self._limits.get(account, 0)
-        if self._expected:
-            limit += self._expected.get(account, 0)
-        return max(0, limit - self._pending.get(account, 0))
+        expected = self._expected.get(account, 0) if self._expected else 0
+        if not expected:
+            return max(0, self._limits.get(account, 0) - self._pending.get(account, 0))
+        # a probe frees a slot only if the account is then below its cap: the room before
+        # clamping (an account left out of the answer is full, or over its local cap)
+        room = self._rooms.get(account)
+        if room is None:
+            room = self._unlisted_room(account)
+        return max(0, room + expected - self._pending.get(account, 0))
+
+    def _unlisted_room(self, account: str) -> int:
+        """Room on an account the answer left out (full): 0, or less when it lists more
+        jobs under it than the local cap allows."""
+        caps = self._caps
+        cap = caps if caps is None or isinstance(caps, int) else caps.get(account)
+        if cap is None or self._snapshot is None:
+            return 0
+        return min(0, cap - (self._snapshot.running(account) or 0))
 
     def expect_freed(self, expected: Mapping[str, int]) -> None:
         """Count ``expected[a]`` more slots on ``a``: listed jobs that have probably ended

@@ -294,7 +294,6 @@ class MemoryStore:
         return self._ledger.restore(account)
 
     def invalidate(self) -> None:
-        self._ledger.ended_news()
         if self._failures:
             return  # never inside a backoff after a failed poll
         now = anyio.current_time()

@@ -185,7 +185,7 @@ class Engine:
             self._bind_loop()
         # when slots are likely to free (see forecast.py): the next poll may go later than
         # its floor, decided once per snapshot; invalidate() and freed room call it off
-        self.forecast = Forecast()
+        self.forecast = Forecast(config.poll_interval)
         self._planned_for: Snapshot | None = None
         self._planned_at = -math.inf
         self._planned_floor = math.inf
@@ -787,7 +787,7 @@ class Engine:
             quarantined=view.quarantined,
         )
         snapshot = view.snapshot
-        if now is not None and self.forecast.ready:
+        if now is not None:
             rows = tuple(
                 dataclasses.replace(
                     row, **dataclasses.asdict(self.forecast.outlook(row.account, now))

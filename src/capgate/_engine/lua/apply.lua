@@ -3,8 +3,7 @@
 -- KEYS[1] - the fleet's prefix
 -- ARGV[1] - {token, tick, sent, spacing, snap (the snapshot as JSON), limits: [[account,
 --            room before reservations], ...], jobs: [job ids executing], floor,
---            lag_margin, lag_samples, unlisted_grace, watch_for, watch_max, owner, ttl,
---            strategy, pref,
+--            lag_margin, lag_samples, watch_for, watch_max, owner, ttl, strategy, pref,
 --            grace, idle}
 -- returns  - JSON {applied: whether this answer is now the fleet's snapshot}
 -- An answer to a poll begun before the fleet's latest snapshot's (a poller paused past its
@@ -48,13 +47,7 @@ if st > mget('sent_tick', 0) then
   -- this snapshot's own evidence of lag counts for what it releases
   for i = 1, #flat, 2 do
     local rec = cjson.decode(flat[i + 1])
-    if rec.s and rec.j and listed(rec.j) then
-      if rec.m then
-        learn(sent - (rec.t or sent))
-      elseif rec.s < st then
-        redis.call('HSET', M, 'prompt', 1)  -- listed by the first snapshot after its settle
-      end
-    end
+    if rec.s and rec.j and rec.m and listed(rec.j) then learn(sent - (rec.t or sent)) end
   end
   local watch = redis.call('HGETALL', P .. 'watch')
   for i = 1, #watch, 2 do
@@ -74,14 +67,7 @@ if st > mget('sent_tick', 0) then
       if rec.j and listed(rec.j) then
         drop_lease(flat[i], rec)
       elseif rec.s < st then
-        -- until the counts are seen to be prompt, a job missing just after its create
-        -- may be the first sign that they lag: wait for it a while (not if invalidate()
-        -- said jobs ended since its settle)
-        local keep = allowance
-        if rec.j and mget('prompt', 0) == 0 and rec.s > mget('grace_tick', 0) then
-          keep = math.max(allowance, A.unlisted_grace)
-        end
-        if keep > 0 and sent - t <= keep then
+        if allowance > 0 and sent - t <= allowance then
           rec.m = sent  -- the counts lag: keep counting it for now
           lease_put(flat[i], rec)
         else

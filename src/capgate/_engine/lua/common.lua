@@ -12,10 +12,7 @@
 --   meta     hash    epoch, run_id, grace_until, tick, lid, arrivals, sent_tick, sent_at,
 --                    fresh_until, next_poll_at, last_sent, failures, polls, polls_failed,
 --                    last_error, auth_at/auth_msg/auth_status, rr_last, lag, snap, config,
---                    polls_late (answers that came after a newer one and were dropped),
---                    prompt (a job was listed by the first snapshot after its settle),
---                    grace_tick (the tick of the latest invalidate: no unlisted grace
---                    for leases settled before it)
+--                    polls_late (answers that came after a newer one and were dropped)
 --   limit    hash    account -> slots the latest snapshot allows (cap applied)
 --   order    list    accounts in the snapshot's order
 --   jobs     set     job ids the latest snapshot lists as executing

@@ -4,8 +4,6 @@
 -- returns  - '{}'
 ensure_epoch()
 soon_poll(A.floor)
--- jobs ended: one settled before now and missing from the next snapshot ended
-redis.call('HSET', M, 'grace_tick', tick())
 -- the answer of a poll already on the wire may predate this news: remember it
 if redis.call('EXISTS', P .. 'lock') == 1 then redis.call('HSET', M, 'inval', 1) end
 finish()
