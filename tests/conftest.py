@@ -85,3 +85,15 @@ def logs() -> Iterator[list[EventDict]]:
     """Every structlog event capgate logs during the test."""
     with structlog.testing.capture_logs() as captured:
         yield captured
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A Redis namespace of its own for each fleet test; its keys are deleted afterwards."""
+    import uuid
+
+    from redis_support import delete_namespace
+
+    name = f"capgate-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_namespace(name)

@@ -51,14 +51,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def namespace() -> Iterator[str]:
-    """A namespace of its own for each test; its keys are deleted afterwards."""
-    name = f"capgate-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_namespace(name)
-
-
-@pytest.fixture
 def fake_url() -> Iterator[tuple[FakeScheduler, str]]:
     """A fake ltxstudio with 3 + 2 slots, served over loopback HTTP."""
     fake = FakeScheduler({"a@x.io": 3, "b@x.io": 2}, job_duration=0.3)

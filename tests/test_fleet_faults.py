@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from capgate.testing import FakeScheduler, serve
 from redis_support import (
     REDIS_URL,
     Server,
-    delete_namespace,
     needs_redis,
     needs_redis_server,
     servers,
@@ -45,14 +43,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.loopback, needs_
 def anyio_backend() -> str:
     """Real time on asyncio: these tests need real sockets and real processes."""
     return "asyncio"
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    """A namespace of its own for each test; its keys are deleted afterwards."""
-    name = f"capgate-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_namespace(name)
 
 
 @pytest.fixture

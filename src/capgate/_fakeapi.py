@@ -67,6 +67,15 @@ def not_found(what: str) -> Answer:
     return Answer(404, {"error": f"{what} not found", "code": 404})
 
 
+def unknown_account(call: Call, key: str) -> Answer | None:
+    """The 400 an upload naming (in query parameter ``key``) an account the fake does not
+    have gets; ``None`` for a configured one."""
+    account = call.query.get(key, "")
+    if account in call.fake.max_jobs:
+        return None
+    return Answer(400, {"error": f"Account {account} not configured", "code": 400})
+
+
 def media_url(call: Call, job: FakeJob, ext: str = "mp4") -> str:
     """A link to the job's result on the fake's own stand-in for the provider's CDN (which
     needs no token, like the signed links the real services hand out)."""
@@ -249,10 +258,11 @@ class MinimaxApi(FakeApi):
     def post(self, call: Call, relative: str, body: bytes) -> Answer | None:
         if relative != "files":
             return None
-        account = call.query.get("account", "")
-        if account not in call.fake.max_jobs:
-            return Answer(400, {"error": f"Account {account} not configured", "code": 400})
+        refused = unknown_account(call, "account")
+        if refused is not None:
+            return refused
         n = call.fake.next_number()
+        account = call.query["account"]
         return Answer(200, {"fileID": f"user:4242-minimax:{account}-file:{n}"})
 
 
@@ -296,9 +306,9 @@ class PixverseApi(FakeApi):
     def post(self, call: Call, relative: str, body: bytes) -> Answer | None:
         if relative != "files":
             return None
-        email = call.query.get("email", "")
-        if email not in call.fake.max_jobs:
-            return Answer(400, {"error": f"Account {email} not configured", "code": 400})
+        refused = unknown_account(call, "email")
+        if refused is not None:
+            return refused
         n = call.fake.next_number()
         kind = call.content_type.partition(";")[0].strip()
         ext = kind.removeprefix("image/") if kind.startswith("image/") else "png"

@@ -400,9 +400,11 @@ class Engine:
             for row in snapshot.accounts
         )
 
-    def _unplan(self) -> None:
-        """Poll at the floor after all: news came that the forecast did not foresee."""
-        if self._planned_at > -math.inf:
+    def _room_freed(self) -> None:
+        """A slot came free: hand it out; if waiters are left, a poll the forecast put
+        off goes at the floor after all (news it did not foresee)."""
+        self._dispatch()
+        if self._waiting and self._planned_at > -math.inf:
             self._planned_at = -math.inf
             self._wake_driver()
 
@@ -494,9 +496,7 @@ class Engine:
                 "capgate.give_back", service=self.service, account=lease.account, reason="abandoned"
             )
         if self.store.abandon(waiter, lease):
-            self._dispatch()
-            if self._waiting:
-                self._unplan()
+            self._room_freed()
 
     def _fail(self, waiter: Waiter, error: BaseException) -> None:
         if waiter.lease is None and waiter.error is None:
@@ -569,16 +569,12 @@ class Engine:
                 error=None if error is None else type(error).__name__,
             )
         if self.store.settle(lease, job_id):
-            self._dispatch()
-            if self._waiting:
-                self._unplan()
+            self._room_freed()
 
     def give_back(self, lease: Lease, why: str) -> None:
         if self.store.give_back(lease):
             log.debug("capgate.give_back", service=self.service, account=lease.account, reason=why)
-            self._dispatch()
-            if self._waiting:
-                self._unplan()
+            self._room_freed()
 
     def mark_busy(self, lease: Lease) -> None:
         log.info("capgate.busy", service=self.service, account=lease.account)
