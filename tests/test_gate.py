@@ -738,6 +738,25 @@ async def test_cancel_after_grant_passes_slot_on(make_gate):
         tg.cancel_scope.cancel()
 
 
+async def test_cancelled_at_a_free_slot_takes_nothing(make_gate):
+    """A task cancelled when it reaches a free slot (the path with nobody queued) never
+    runs the body, and the slot is free again at once, with no new poll."""
+    gate, _ = make_gate({A: 2}, poll_interval=3600)
+    async with gate.slot():  # the one poll; this settle counts until the next: 1 slot left
+        pass
+    reached = False
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with gate.slot():
+            reached = True
+    assert not reached
+    assert gate.statistics().reserved == 1
+    with anyio.fail_after(1):
+        async with gate.slot(timeout=0) as slot:  # the slot it had for an instant
+            assert slot.account == A
+    assert gate.statistics().polls == 1
+
+
 # --- nesting and many tasks -----------------------------------------------------------------------
 
 

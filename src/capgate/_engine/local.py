@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import anyio
-
 from .._config import GateConfig
 from .._errors import AuthenticationError, PollError
 from .._log import log
@@ -20,6 +18,7 @@ from .._strategy import Candidate, Picker
 from .base import Lease, PollTicket, StoreView, Waiter
 from .forecast import FASTER
 from .ledger import Ledger, Reservation
+from .loop import current_time
 
 __all__ = ["MemoryStore"]
 
@@ -31,7 +30,7 @@ class MemoryStore:
         self._config = config
         self._service = config.service.name
         self._allow = config.allow
-        self._ledger = Ledger(anyio.current_time, max_jobs=config.max_jobs)
+        self._ledger = Ledger(current_time, max_jobs=config.max_jobs)
         self._rr_last: str | None = None
         self._fresh_until = -math.inf
         self._next_poll_at = -math.inf
@@ -193,7 +192,7 @@ class MemoryStore:
         return grants
 
     async def exchange(self, queue: Callable[[], Iterable[Waiter]]) -> list[tuple[Waiter, Lease]]:
-        return self.dispatch(queue(), anyio.current_time())
+        return self.dispatch(queue(), current_time())
 
     async def wait(self, waiter: Waiter, timeout: float) -> None:
         await waiter.sleep(timeout)
@@ -214,7 +213,7 @@ class MemoryStore:
         return math.inf if expiry is None else expiry - now
 
     async def begin_poll(self, *, force: bool) -> PollTicket | float:
-        now = anyio.current_time()
+        now = current_time()
         self._in_flight = True
         self._invalidated_in_flight = False
         self._last_sent = now
@@ -241,7 +240,7 @@ class MemoryStore:
         self, ticket: PollTicket, error: PollError | AuthenticationError, u: float
     ) -> float:
         self._in_flight = False
-        now = anyio.current_time()
+        now = current_time()
         self._polls_failed += 1
         self._last_error = str(error)
         interval = self._config.poll_interval
@@ -284,7 +283,7 @@ class MemoryStore:
     def quarantine(
         self, account: str, seconds: float, reason: str, model: str | None = None
     ) -> None:
-        until = anyio.current_time() + seconds
+        until = current_time() + seconds
         if model is None:
             self._ledger.quarantine(account, until, reason)
         else:
@@ -296,7 +295,7 @@ class MemoryStore:
     def invalidate(self) -> None:
         if self._failures:
             return  # never inside a backoff after a failed poll
-        now = anyio.current_time()
+        now = current_time()
         last = self._fresh_until if self._last_sent is None else self._last_sent
         soonest = max(now, last + INVALIDATE_FLOOR)
         self._next_poll_at = min(self._next_poll_at, soonest)

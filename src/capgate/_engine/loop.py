@@ -1,0 +1,69 @@
+"""The running event loop, reached cheaply: its clock and a checkpoint.
+
+:func:`current_time` is ``anyio.current_time()`` and :func:`checkpoint` is
+``anyio.lowlevel.checkpoint()``, the same clock and the same yield (asyncio's
+``loop.time()`` and ``asyncio.sleep(0)``, trio's ``trio.current_time()`` and
+``trio.lowlevel.checkpoint()``, so trio's ``MockClock`` and cancel scopes of either library
+work as before), without the backend lookup anyio makes on every call. On the hot path that
+lookup costs about as much as the read itself, and a queued acquisition reads the clock
+about six times (``benchmarks/README.md``, the hot path). Everything else goes through anyio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+_library: Any
+try:  # trio needs sniffio, so with no sniffio there is no trio either
+    from sniffio import thread_local as _library
+except ImportError:  # pragma: no cover - sniffio comes with trio and the test extras
+    _library = None
+
+__all__ = ["checkpoint", "current_time"]
+
+#: the C function behind asyncio.get_running_loop(), returning None instead of raising
+_running_loop = asyncio._get_running_loop
+_trio: ModuleType | None = None
+
+
+def _on_trio() -> ModuleType | None:
+    """trio, when the running loop is trio's (it names itself for the whole run, guest mode
+    included); ``None`` on asyncio or outside any loop."""
+    global _trio
+    if _library is None or _library.name != "trio":
+        return None
+    if _trio is None:
+        import trio
+
+        _trio = trio
+    return _trio
+
+
+def current_time() -> float:
+    """Seconds on the running event loop's clock (as ``anyio.current_time()``, which also
+    decides what happens outside an event loop)."""
+    if _library is None or _library.name is None:
+        loop = _running_loop()
+        if loop is not None:
+            return loop.time()
+    trio = _on_trio()
+    if trio is not None:
+        return float(trio.current_time())
+    return anyio.current_time()
+
+
+def checkpoint() -> Awaitable[None]:
+    """Yield to the scheduler once, cancellable (as ``anyio.lowlevel.checkpoint()``)."""
+    trio = _on_trio()
+    if trio is not None:
+        do: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
+        return do()
+    if _running_loop() is not None:
+        return asyncio.sleep(0)
+    return anyio.lowlevel.checkpoint()
