@@ -305,6 +305,19 @@ def test_losses_by_hand():
     assert losses.total == 7.0
 
 
+def test_a_slot_taken_before_any_poll_showed_it_stops_counting():
+    """A callback's news (or a probe) lets a job take a slot freed at 10 at 12, before the
+    poll at 15: only 10-12 is lost, though a third job waits on to 20."""
+    losses = slot_losses(
+        {"a": 1},
+        [("a", 0.0, 10.0), ("a", 12.0, 20.0)],
+        [(0.0, 0.0), (5.0, 12.0), (5.0, 20.0)],
+        [0.0, 15.0],
+        until=20.0,
+    )
+    assert losses == Losses(unseen=2.0)
+
+
 def test_losses_count_only_while_a_job_waits():
     """Free slot-time with nobody waiting is no loss; one waiter is one slot's worth."""
     runs = [("a", 0.0, 4.0), ("a", 0.0, 8.0)]

@@ -398,6 +398,9 @@ def slot_losses(
             shown_at.append(shown)
         first = bisect.bisect_left(polls, shown)
         seen = polls[first] if first < len(polls) else math.inf
+        # a slot taken before any poll showed it (a callback named the job that ended, or
+        # a probe on counts that lag) stops counting when it is taken
+        shown, seen = min(shown, taken), min(seen, taken)
         add(2, freed, shown)
         add(0, shown, seen)
         add(1, seen, taken)
@@ -1004,7 +1007,7 @@ async def _run_capgate(env: _Env) -> None:
         # useapi calls back only for the jobs we created, and only those given a replyUrl
         ours = env.by_id.get(job.job_id)
         if ours is not None and ours.index in calling_back:
-            gate.invalidate()
+            gate.invalidate(job.job_id)  # the callback names the job that ended
 
     try:
         async with anyio.create_task_group() as tg:
