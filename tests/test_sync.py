@@ -131,6 +131,14 @@ def test_nothing_starts_before_first_use(gates):
     assert set(threading.enumerate()) == before
 
 
+def test_invalidate_takes_the_ended_job_and_checks_its_type(gates):
+    gate = gates("secret-token-123", service="kling", poll_interval=0.2)
+    gate.invalidate("job-1")
+    gate.invalidate(123)
+    with pytest.raises(TypeError, match="job_id must be a str or int"):
+        gate.invalidate(1.5)  # type: ignore[arg-type]
+
+
 def test_repr_is_the_async_gates_without_the_token(server, gates):
     """repr() reads like CapacityGate's, live, and never shows the token."""
     gate = gates(server.fake.token, url=server.url, poll_interval=0.2)

@@ -497,7 +497,7 @@ class CapacityGate:
         """
         return await self._engine.refresh()
 
-    def invalidate(self) -> None:
+    def invalidate(self, job_id: str | int | None = None) -> None:
         """Something changed (a job finished): poll as soon as allowed.
 
         Synchronous and cheap, safe from any task, and from any thread (a webhook handler
@@ -505,8 +505,23 @@ class CapacityGate:
         that loop. The current snapshot stops serving grants; if anyone waits, the next poll
         starts now, but never sooner than 0.5 s after the previous one (and never inside a
         backoff after a failed poll).
+
+        Args:
+            job_id: The job that ended, from its ``replyUrl`` callback, when known. If the
+                snapshot lists that job, or the gate still counts it as one of its own
+                submissions, its slot is free at once and handed to the next waiter, with
+                no poll: with counts that lag, useapi may list a finished job for a while.
+                Otherwise the call is as without it. In fleet mode (not shared through
+                Redis yet) it is always as without it.
+
+        Raises:
+            TypeError: ``job_id`` is neither a string nor an integer.
         """
-        self._engine.on_loop(self._engine.invalidate)
+        if job_id is not None:
+            if isinstance(job_id, bool) or not isinstance(job_id, (str, int)):
+                raise TypeError(f"job_id must be a str or int, not {type(job_id).__name__}")
+            job_id = str(job_id)
+        self._engine.on_loop(self._engine.invalidate, job_id)
 
     def quarantine(
         self,

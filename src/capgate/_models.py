@@ -161,6 +161,13 @@ class Snapshot:
         """Whether ``job_id`` is among the executing jobs."""
         return job_id in self._job_ids
 
+    def job_account(self, job_id: str) -> str | None:
+        """The account ``executing[]`` lists ``job_id`` under (``None``: not listed, or
+        listed with no account)."""
+        if job_id not in self._job_ids:
+            return None
+        return next((j.account for j in self.executing if j.job_id == job_id), None)
+
     @property
     def total_free(self) -> int:
         """Free slots over all accounts by the server's count."""

@@ -567,12 +567,21 @@ class SyncCapacityGate:
         with self._use() as rt:
             return rt.run_sync(anyio.current_time)
 
-    def invalidate(self) -> None:
+    def invalidate(self, job_id: str | int | None = None) -> None:
         """Something changed (a job finished): poll as soon as allowed.
 
         Safe from any thread (a Flask or Django webhook handler). Before first use, or after
         :meth:`close`, there is nothing to wake and it does nothing.
+
+        Args:
+            job_id: The job that ended, when known: its slot is free at once (as
+                :meth:`CapacityGate.invalidate`).
+
+        Raises:
+            TypeError: ``job_id`` is neither a string nor an integer.
         """
+        if job_id is not None and (isinstance(job_id, bool) or not isinstance(job_id, (str, int))):
+            raise TypeError(f"job_id must be a str or int, not {type(job_id).__name__}")
         with self._lock:
             self._own()
             rt = self._rt
@@ -580,7 +589,7 @@ class SyncCapacityGate:
                 return
             rt.users += 1
         try:
-            rt.run_sync(rt.gate.invalidate)
+            rt.run_sync(rt.gate.invalidate, job_id)
         finally:
             self._leave(rt)
 

@@ -268,6 +268,11 @@ class Store(Protocol):
     def invalidate(self) -> None:
         """The snapshot stops serving; poll as soon as the floor allows."""
 
+    def job_ended(self, job_id: str) -> bool:
+        """A completion callback said ``job_id`` ended: its slot counts as free from now,
+        even while the snapshot still lists it. True if that made room now. A store may
+        ignore it (the poll ``invalidate()`` asks for brings the news, later)."""
+
     def expect_freed(self, expected: Mapping[str, int]) -> None:
         """Per account, listed jobs that have probably ended since the snapshot (counts
         that lag): grant that many more slots there until the next snapshot. A store may

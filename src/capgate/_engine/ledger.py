@@ -27,6 +27,10 @@ releases anything. With counts that do not lag, nothing is ever learnt and the r
 holds exactly. Before the first lag is seen the gate cannot know, and its own jobs may
 exceed the local cap by those settled in that window.
 
+Jobs known to have ended. A completion callback names the job that ended: its reservation
+stops counting at once, and while a snapshot still lists it (counts that lag, or a snapshot
+taken before it ended) its slot counts as free on the account the listing names.
+
 "After" is decided by a logical sequence number, not by the clock: every settle, busy mark
 and poll start takes the next tick, so two events at the same (virtual) instant still have an
 order and the rule stays exact.
@@ -128,6 +132,10 @@ class Ledger:
         self._lag_floor = 0.0
         # dropped job id -> (when it was settled, when a snapshot first missed it)
         self._watch: dict[str, tuple[float, float]] = {}
+        # job id -> when a callback said it ended; per account, how many of them the
+        # snapshot still lists (their slots are free whatever the counts say)
+        self._ended: dict[str, float] = {}
+        self._ended_listed: Counter[str] = Counter()
 
     # --- time and ticks ---------------------------------------------------------------
 
@@ -182,6 +190,7 @@ class Ledger:
         for account, busy_tick in list(self._busy.items()):
             if busy_tick < sent_tick:
                 del self._busy[account]
+        self._count_ended(snapshot)
 
     # --- counts that lag ---------------------------------------------------------------
 
@@ -215,6 +224,45 @@ class Ledger:
                 self._watch[job_id] = (settled_at, seen_at)  # missed once more: a surer floor
         while len(self._watch) > WATCH_MAX:
             del self._watch[next(iter(self._watch))]
+
+    # --- jobs known to have ended -----------------------------------------------------
+
+    def job_ended(self, job_id: str, now: float | None = None) -> bool:
+        """A callback said ``job_id`` ended. True if that freed a slot the rule counted
+        as taken (its reservation, or its row in the snapshot)."""
+        now = self._clock() if now is None else now
+        if job_id in self._ended:
+            return False
+        self._ended[job_id] = now
+        while len(self._ended) > WATCH_MAX:
+            del self._ended[next(iter(self._ended))]
+        freed = False
+        for res in self._reservations.values():
+            if res.job_id == job_id:
+                self._drop(res)
+                freed = True
+                break
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot.lists_job(job_id):
+            account = snapshot.job_account(job_id)
+            if account is not None:
+                self._ended_listed[account] += 1
+                freed = True
+        return freed
+
+    def _count_ended(self, snapshot: Snapshot) -> None:
+        """Count the ended jobs ``snapshot`` still lists; forget the old ones it does not."""
+        self._ended_listed = Counter()
+        ended = self._ended
+        if not ended:
+            return
+        for job in snapshot.executing:
+            if job.account is not None and job.job_id in ended:
+                self._ended_listed[job.account] += 1
+        horizon = snapshot.requested_at - max(WATCH_FOR, self._lag * LAG_MARGIN)
+        for job_id, ended_at in list(ended.items()):
+            if ended_at < horizon and not snapshot.lists_job(job_id):
+                del ended[job_id]
 
     # --- reservations -----------------------------------------------------------------
 
@@ -281,6 +329,9 @@ class Ledger:
     def room(self, account: str) -> int:
         """The accounting rule alone, ignoring busy marks and quarantine."""
         expected = self._expected.get(account, 0) if self._expected else 0
+        if self._ended_listed:
+            # a probe may be on a job known ended: the larger of the two, never the sum
+            expected = max(expected, self._ended_listed.get(account, 0))
         if not expected:
             return max(0, self._limits.get(account, 0) - self._pending.get(account, 0))
         # a probe frees a slot only if the account is then below its cap: the room before
@@ -326,7 +377,10 @@ class Ledger:
             n = self.room(account)
             if n > 0:
                 result[account] = n
-        for account in self._expected:  # full accounts are often left out of the snapshot
+        # full accounts are often left out of the snapshot
+        for account in (
+            (*self._expected, *self._ended_listed) if self._expected or self._ended_listed else ()
+        ):
             if account not in result and account not in busy and self._limits.get(account) is None:
                 if account in quarantine and self.quarantined(account, now=now) is not None:
                     continue

@@ -304,6 +304,9 @@ class MemoryStore:
         # must not push the next poll back to a full poll_interval
         self._invalidated_in_flight = self._in_flight
 
+    def job_ended(self, job_id: str) -> bool:
+        return self._ledger.job_ended(job_id)
+
     def expect_freed(self, expected: Mapping[str, int]) -> None:
         self._ledger.expect_freed(expected)
 

@@ -622,11 +622,18 @@ class Engine:
             self._planned_at = -math.inf
             self._wake_driver()
 
-    def invalidate(self) -> None:
+    def invalidate(self, job_id: str | None = None) -> None:
         if self.closed or now_or_none() is None:
             return
+        log.debug("capgate.invalidate", service=self.service, waiting=self._waiting, job_id=job_id)
+        if job_id is not None and self.store.job_ended(job_id):
+            # exact news: that job's slot is free now, even where the counts still list it;
+            # once it is handed out (or nobody waits for it) no extra poll is needed
+            grants = self.grants
+            self._room_freed()
+            if self.grants > grants or not self._waiting:
+                return
         self.store.invalidate()
-        log.debug("capgate.invalidate", service=self.service, waiting=self._waiting)
         self._planned_at = -math.inf
         self._wake_driver()
 
