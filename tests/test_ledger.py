@@ -635,59 +635,84 @@ def test_the_lag_floor_is_never_above_the_lag():
 # --- jobs a callback said ended ---------------------------------------------------------------
 
 
-def test_an_ended_job_still_listed_frees_its_slot(ledger):
+@pytest.fixture
+def lagging(ledger: Ledger, clock: Clock) -> Ledger:
+    """A ledger that has seen the counts lag (job-1 listed 16 s after its settle), at t=20."""
+    _lagging_start(ledger, clock)
+    clock.now = 20
+    return ledger
+
+
+def at(t: float, *rows: tuple[str, int, int], jobs: tuple[tuple[str, str], ...] = ()) -> Snapshot:
+    return snap_at(t, *rows, jobs=jobs)
+
+
+def test_an_ended_job_still_listed_frees_its_slot(lagging):
     """Counts that lag list a job after it ended: the callback's news frees its slot."""
-    ledger.apply_snapshot(snap(("a", 1, 1), jobs=(("job-1", "a"),)), ledger.tick())
-    assert ledger.free("a") == 0
-    assert ledger.job_ended("job-1")
-    assert ledger.free("a") == 1
-    ledger.reserve("a")
-    assert ledger.free("a") == 0
+    lagging.apply_snapshot(at(20, ("a", 1, 1), jobs=(("job-2", "a"),)), lagging.tick())
+    assert lagging.free("a") == 0
+    assert lagging.job_ended("job-2")
+    assert lagging.free("a") == 1
+    lagging.reserve("a")
+    assert lagging.free("a") == 0
 
 
-def test_an_ended_job_frees_its_slot_in_later_lagging_snapshots(ledger, clock):
-    ledger.apply_snapshot(snap_at(0, ("a", 1, 1), jobs=(("job-1", "a"),)), ledger.tick())
-    ledger.job_ended("job-1")
-    clock.now = 10
-    ledger.apply_snapshot(snap_at(10, ("a", 1, 1), jobs=(("job-1", "a"),)), ledger.tick())
-    assert ledger.free("a") == 1
+def test_an_ended_job_frees_its_slot_in_later_lagging_snapshots(lagging, clock):
+    lagging.apply_snapshot(at(20, ("a", 1, 1), jobs=(("job-2", "a"),)), lagging.tick())
+    lagging.job_ended("job-2")
+    clock.now = 30
+    lagging.apply_snapshot(at(30, ("a", 1, 1), jobs=(("job-2", "a"),)), lagging.tick())
+    assert lagging.free("a") == 1
 
 
-def test_an_ended_job_not_listed_yet_drops_its_reservation(ledger):
+def test_an_ended_job_not_listed_yet_drops_its_reservation(lagging):
     """A job that ended before any snapshot listed it stops counting at once."""
-    ledger.apply_snapshot(snap(("a", 1, 0)), ledger.tick())
-    res = ledger.reserve("a")
-    ledger.settle(res, "job-1")
-    assert ledger.free("a") == 0
-    assert ledger.job_ended("job-1")
-    assert (ledger.free("a"), ledger.pending("a")) == (1, 0)
+    lagging.apply_snapshot(at(20, ("a", 1, 0)), lagging.tick())
+    res = lagging.reserve("a")
+    lagging.settle(res, "job-2")
+    assert lagging.free("a") == 0
+    assert lagging.job_ended("job-2")
+    assert (lagging.free("a"), lagging.pending("a")) == (1, 0)
 
 
-def test_an_unknown_job_ended_frees_nothing(ledger):
-    ledger.apply_snapshot(snap(("a", 1, 1), jobs=(("job-1", "a"),)), ledger.tick())
-    assert not ledger.job_ended("job-2")
-    assert ledger.free("a") == 0
+def test_an_unknown_job_ended_frees_nothing(lagging):
+    lagging.apply_snapshot(at(20, ("a", 1, 1), jobs=(("job-2", "a"),)), lagging.tick())
+    assert not lagging.job_ended("job-3")
+    assert lagging.free("a") == 0
 
 
-def test_news_of_an_end_counts_once(ledger):
-    ledger.apply_snapshot(snap(("a", 2, 2), jobs=(("job-1", "a"), ("job-2", "a"))), ledger.tick())
-    assert ledger.job_ended("job-1")
-    assert not ledger.job_ended("job-1")
-    assert ledger.free("a") == 1
+def test_news_of_an_end_counts_once(lagging):
+    lagging.apply_snapshot(
+        at(20, ("a", 2, 2), jobs=(("job-2", "a"), ("job-3", "a"))), lagging.tick()
+    )
+    assert lagging.job_ended("job-2")
+    assert not lagging.job_ended("job-2")
+    assert lagging.free("a") == 1
 
 
-def test_an_ended_job_and_a_probe_on_it_are_not_counted_twice(ledger):
+def test_an_ended_job_and_a_probe_on_it_are_not_counted_twice(lagging):
     """The forecast may already expect the same job to have ended: the larger of the two."""
-    ledger.apply_snapshot(snap(("a", 2, 2), jobs=(("job-1", "a"), ("job-2", "a"))), ledger.tick())
-    ledger.expect_freed({"a": 1})
-    ledger.job_ended("job-1")
-    assert ledger.free("a") == 1
+    lagging.apply_snapshot(
+        at(20, ("a", 2, 2), jobs=(("job-2", "a"), ("job-3", "a"))), lagging.tick()
+    )
+    lagging.expect_freed({"a": 1})
+    lagging.job_ended("job-2")
+    assert lagging.free("a") == 1
 
 
 def test_an_ended_job_on_a_full_account_left_out_of_the_answer(clock):
     """useapi leaves full accounts out of ``available[]``; the listing names the account."""
-    ledger = Ledger(clock, max_jobs=1)
-    ledger.apply_snapshot(snap(jobs=(("job-1", "a"),)), ledger.tick())
+    ledger = Ledger(clock, max_jobs=2)
+    _lagging_start(ledger, clock)
+    clock.now = 20
+    ledger.apply_snapshot(at(20, jobs=(("job-2", "a"), ("job-3", "a"))), ledger.tick())
     assert ledger.free_accounts() == {}
-    ledger.job_ended("job-1")
+    ledger.job_ended("job-2")
     assert ledger.free_accounts() == {"a": 1}
+
+
+def test_before_any_lag_an_end_waits_for_the_poll(ledger):
+    """With counts not seen to lag, the poll invalidate() asks for brings the news."""
+    ledger.apply_snapshot(snap(("a", 1, 1), jobs=(("job-1", "a"),)), ledger.tick())
+    assert not ledger.job_ended("job-1")
+    assert ledger.free("a") == 0

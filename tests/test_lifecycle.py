@@ -752,30 +752,6 @@ async def test_callback_invalidate_polls_before_poll_interval(make_gate):
     assert fake.poll_times[1] - fake.poll_times[0] >= 12 * P
 
 
-async def test_callback_naming_a_listed_job_grants_at_once_without_a_poll(make_gate):
-    """Counts that lag still list a job after its callback: ``invalidate(job_id)`` frees
-    its slot there and then, and hands it to the waiter with no further request."""
-    gate, fake = make_gate({A: 1}, poll_interval=60.0, lag=30 * P)
-    # started long enough ago for the lagging counts to list it; ends in 19 P
-    fake.add_outside_job(A, duration=50 * P, at=anyio.current_time() - 31 * P)
-    ended_at: list[float] = []
-
-    async def done(job: FakeJob) -> None:
-        ended_at.append(anyio.current_time())
-        gate.invalidate(job.job_id)
-
-    fake.on_job_done = done
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(fake.run_callbacks)
-        with anyio.fail_after(40 * P):
-            async with gate.slot() as slot:
-                granted_at = anyio.current_time()
-                assert slot.account == A
-        tg.cancel_scope.cancel()
-    assert granted_at == pytest.approx(ended_at[0], abs=0.01)
-    assert fake.polls == 1
-
-
 async def test_callback_naming_an_unknown_job_polls_as_without_it(make_gate):
     gate, fake = make_gate({A: 1}, poll_interval=60.0)
     fake.add_outside_job(A, duration=12 * P)

@@ -372,3 +372,13 @@ def test_clairvoyant_bound_beats_regular_polls():
     for offset in (0.0, 1.0, 2.5, 4.0):
         regular = [offset + k * SMALL.poll_interval for k in range(int(result.makespan / 5) + 2)]
         assert 0 <= bound <= unseen_delay(shown, regular)
+
+
+def test_callbacks_naming_their_jobs_beat_counts_that_lag():
+    """With counts 15 s behind, callbacks that name the ended job (``invalidate(job_id)``)
+    hand the slot on before useapi stops listing the job: sooner, with fewer polls."""
+    lagging = replace(SMALL, lag=15.0)
+    without = simulate(lagging, oracle=False)
+    with_callbacks = simulate(replace(lagging, callbacks=True), oracle=False)
+    assert with_callbacks.makespan < without.makespan - 15.0
+    assert with_callbacks.polls < without.polls
