@@ -22,6 +22,8 @@ import anyio.lowlevel
 
 from .._errors import AuthenticationError, PollError
 from .._models import Snapshot
+from .loop import Event, checkpoint
+from .loop import event as new_event
 
 __all__ = ["Lease", "PollTicket", "Store", "StoreView", "Waiter", "Wakeup"]
 
@@ -41,7 +43,7 @@ class Wakeup:
 
     def __init__(self) -> None:
         self.woken = False
-        self._event: anyio.Event | None = None  # only while a sleep waits on it
+        self._event: Event | None = None  # only while a sleep waits on it
         self.scope: anyio.CancelScope | None = None
 
     def wake(self) -> None:
@@ -54,9 +56,9 @@ class Wakeup:
     async def sleep(self, timeout: float = math.inf) -> None:
         """Wait until woken or ``timeout``; a wake-up that came while awake returns at once."""
         if self.woken:
-            await anyio.lowlevel.checkpoint()  # still a checkpoint, as waiting on a set event is
+            await checkpoint()  # still a checkpoint, as waiting on a set event is
         else:
-            event = self._event = anyio.Event()
+            event = self._event = new_event()  # not set: nothing runs before the wait
             try:
                 if timeout == math.inf:
                     await event.wait()  # no cancel scope: most waiters wait like this

@@ -1,10 +1,11 @@
-"""The running event loop, reached cheaply: its clock and a checkpoint.
+"""The running event loop, reached cheaply: its clock, a checkpoint and an event.
 
-:func:`current_time` is ``anyio.current_time()`` and :func:`checkpoint` is
-``anyio.lowlevel.checkpoint()``, the same clock and the same yield (asyncio's
-``loop.time()`` and ``asyncio.sleep(0)``, trio's ``trio.current_time()`` and
-``trio.lowlevel.checkpoint()``, so trio's ``MockClock`` and cancel scopes of either library
-work as before), without the backend lookup anyio makes on every call. On the hot path that
+:func:`current_time` is ``anyio.current_time()``, :func:`checkpoint` is
+``anyio.lowlevel.checkpoint()`` and :func:`event` is ``anyio.Event()``: the same clock, the
+same yield and the same event underneath (asyncio's ``loop.time()``, ``asyncio.sleep(0)``
+and ``asyncio.Event``; trio's ``trio.current_time()``, ``trio.lowlevel.checkpoint()`` and
+``trio.Event``, so trio's ``MockClock`` and the cancel scopes of either library work as
+before), without the backend lookup and the wrapper anyio adds on every call. On the hot path that
 lookup costs about as much as the read itself, and a queued acquisition reads the clock
 about six times (``benchmarks/README.md``, the hot path). Everything else goes through anyio.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -25,7 +26,7 @@ try:  # trio needs sniffio, so with no sniffio there is no trio either
 except ImportError:  # pragma: no cover - sniffio comes with trio and the test extras
     _library = None
 
-__all__ = ["checkpoint", "current_time"]
+__all__ = ["Event", "checkpoint", "current_time", "event"]
 
 #: the C function behind asyncio.get_running_loop(), returning None instead of raising
 _running_loop = asyncio._get_running_loop
@@ -56,6 +57,28 @@ def current_time() -> float:
     if trio is not None:
         return float(trio.current_time())
     return anyio.current_time()
+
+
+class Event(Protocol):
+    """What :func:`event` returns (``asyncio.Event``, ``trio.Event`` or ``anyio.Event``)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    def wait(self) -> Awaitable[Any]: ...
+
+
+def event() -> Event:
+    """A new event of the running loop's own kind. Unlike ``anyio.Event``, waiting on one
+    already set does not yield (asyncio): wait only on an event not set yet."""
+    trio = _on_trio()
+    if trio is not None:
+        made: Event = trio.Event()
+        return made
+    if _running_loop() is not None:
+        return asyncio.Event()
+    return anyio.Event()
 
 
 def checkpoint() -> Awaitable[None]:

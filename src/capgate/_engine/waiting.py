@@ -477,8 +477,10 @@ class Engine:
             yield from queue
 
     def _wake_next(self) -> None:
-        for queue in self._queues.values():
-            for successor in queue:
+        """Wake the last in line to take the driver role: it is served last, so the role
+        moves seldom (the first in line would hand it on again at the very next grant)."""
+        for queue in reversed(self._queues.values()):
+            for successor in reversed(queue):
                 if not successor.woken:  # already, when several waiters leave in a row
                     successor.wake()  # it takes the driver role at its next step
                 return
