@@ -614,6 +614,40 @@ async def test_restricted_waiter_does_not_block_others(make_gate):
         tg.cancel_scope.cancel()
 
 
+async def test_waiter_behind_a_restricted_one_takes_the_free_slot_at_once(make_gate):
+    """A slot free on B while the only waiter ahead may use A alone: a newcomer gets it
+    at once, from the snapshot in hand (no poll)."""
+    gate, fake = make_gate({A: 1, B: 1}, poll_interval=3600)
+    fake.add_outside_job(A, duration=3600)
+    stuck = Holder(gate, account=A)
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [stuck])
+        polls = gate.statistics().polls
+        with anyio.fail_after(1):
+            async with gate.slot() as slot:
+                assert slot.account == B
+        assert gate.statistics().polls == polls
+        assert not stuck.granted.is_set()
+        tg.cancel_scope.cancel()
+
+
+async def test_the_driver_role_goes_to_the_last_in_line(make_gate):
+    """When the driver is served, the role goes to the waiter served last, so it does not
+    move again at the next grant."""
+    gate, _ = make_gate({A: 1}, poll_interval=3600)
+    holder = Holder(gate)
+    waiters = [Holder(gate) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        await start_in_order(tg, [holder, *waiters])
+        engine = gate._engine
+        assert engine._driver is next(iter(engine._iter_waiters()))  # the first to wait
+        holder.slot._give_back_unused()  # the snapshot is fresh: the driver is served
+        await anyio.wait_all_tasks_blocked()
+        assert waiters[0].granted.is_set()
+        assert engine._driver is list(engine._iter_waiters())[-1]
+        tg.cancel_scope.cancel()
+
+
 async def test_collection_of_accounts_restricts(make_gate):
     """slot(account=[...]) grants only one of the accounts named."""
     gate, _ = make_gate({A: 5, B: 1, C: 1})

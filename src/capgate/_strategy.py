@@ -16,7 +16,7 @@ account among the ones that waiter may use and that have room. Built-in strategi
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +50,17 @@ class Candidate:
 Candidate.__module__ = "capgate"
 
 Strategy = StrategyName | Callable[[Sequence[Candidate]], str]
+
+
+def most_available(free: Mapping[str, int], order: Iterable[str]) -> str | None:
+    """``most_available`` by a scan: the account with the most free slots, ties to the first
+    in ``order`` (``None`` if none has any)."""
+    choice, most = None, 0
+    for account in order:
+        n = free.get(account, 0)
+        if n > most:
+            choice, most = account, n
+    return choice
 
 
 class Picker:
@@ -158,12 +169,7 @@ class Picker:
         if self._heap is None and len(self.free) <= SCAN_LIMIT:
             # few accounts: a scan beats a heap; ties go to the first in server order
             # (in the preference order when accounts= gave one, as the heap ranks them)
-            choice, most = None, 0
-            for account in self._order if self._given_order else self.free:
-                n = self.free.get(account, 0)
-                if n > most:
-                    choice, most = account, n
-            return choice
+            return most_available(self.free, self._order if self._given_order else self.free)
         if self._heap is None:
             self._heap = [(-n, self._rank[a], a) for a, n in self.free.items()]
             heapq.heapify(self._heap)

@@ -190,6 +190,12 @@ class Store(Protocol):
     A method returning ``True`` made room: the core then runs a dispatch pass.
     """
 
+    #: Everything the store knows is in this process: an exchange brings no news, and the
+    #: core runs a dispatch pass after every change. So a new waiter that may use any
+    #: account, behind only such waiters, cannot be granted before the next change: the
+    #: core does not exchange for it at all.
+    in_process: bool
+
     def view(self, now: float) -> StoreView:
         """What the store holds now (``now`` is NaN outside the event loop, for reprs)."""
 

@@ -340,6 +340,8 @@ def _decode_snapshot(service: str, text: str, requested_at: float) -> Snapshot:
 class FleetStore:
     """A :class:`~capgate._engine.base.Store` in Redis (opened by ``RedisStore``)."""
 
+    in_process = False  # a waiter joins the fleet's queue by an exchange
+
     def __init__(
         self,
         config: GateConfig,

@@ -14,7 +14,7 @@ from .._errors import AuthenticationError, PollError
 from .._log import log
 from .._models import Snapshot
 from .._policy import INVALIDATE_FLOOR, backoff_delay
-from .._strategy import Candidate, Picker
+from .._strategy import SCAN_LIMIT, Candidate, Picker, most_available
 from .base import Lease, PollTicket, StoreView, Waiter
 from .forecast import FASTER
 from .ledger import Ledger, Reservation
@@ -25,6 +25,8 @@ __all__ = ["MemoryStore"]
 
 class MemoryStore:
     """A :class:`~capgate._engine.base.Store` in memory (the default)."""
+
+    in_process = True
 
     def __init__(self, config: GateConfig) -> None:
         self._config = config
@@ -172,6 +174,22 @@ class MemoryStore:
         return Lease(account, now, self._ledger.reserve(account, now))
 
     def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
+        config = self._config
+        if (
+            allowed is None
+            and config.strategy == "most_available"
+            and config.accounts is None
+            and not self._medians
+        ):
+            # the hot path: one grant by the default strategy, with no picker to build
+            free = self._ledger.free_accounts(now) if self._fresh(now) else None
+            if not free:
+                return None
+            if len(free) <= SCAN_LIMIT:
+                account = most_available(free, free)
+                assert account is not None  # noqa: S101 - every account listed has room
+                self._rr_last = account
+                return self._lease(account, now)
         picker = self._picker(now)
         account = None if picker is None else self._pick(picker, allowed)
         return None if account is None else self._lease(account, now)

@@ -175,6 +175,7 @@ class Engine:
         self._queues: dict[int, dict[Waiter, None]] = {}
         self._waiting = 0
         self._model_waiters = 0  # waiters for one model: they must be checked one by one
+        self._restricted = 0  # waiters for some accounts only, or for one model
         self._driver: Waiter | None = None
         self._inflight: _Inflight | None = None
         self._tasks: set[Any] = set()
@@ -283,7 +284,8 @@ class Engine:
                 # no scope at all without a timeout: it is a waiter's largest piece of memory
                 scope = _NO_SCOPE if timeout is None else anyio.move_on_after(timeout)
                 with scope:
-                    await self._exchange()
+                    if not (self.store.in_process and self._restricted == 0):
+                        await self._exchange()
                     while waiter.lease is None and waiter.error is None:
                         await self._wait_turn(waiter)
             if waiter.lease is not None:
@@ -458,6 +460,8 @@ class Engine:
         self._waiting += 1
         if waiter.model is not None:
             self._model_waiters += 1
+        if waiter.model is not None or waiter.allowed is not None:
+            self._restricted += 1
 
     def _dequeue(self, waiter: Waiter) -> bool:
         queue = self._queues.get(waiter.priority)
@@ -469,6 +473,8 @@ class Engine:
         self._waiting -= 1
         if waiter.model is not None:
             self._model_waiters -= 1
+        if waiter.model is not None or waiter.allowed is not None:
+            self._restricted -= 1
         return True
 
     def _iter_waiters(self) -> Iterator[Waiter]:
