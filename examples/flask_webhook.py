@@ -27,7 +27,7 @@ import requests
 from flask import Flask, request
 from werkzeug.serving import make_server
 
-from capgate import SyncCapacityGate
+from capgate import SERVICES, SyncCapacityGate
 from capgate.testing import FakeScheduler, serve
 
 TERMINAL = {"completed", "failed", "moderated", "cancelled", "canceled", "error", "done"}
@@ -52,7 +52,9 @@ def create_app(gate: SyncCapacityGate, seen: list[str]) -> Flask:
         body = request.get_json(silent=True)
         if is_final(body):
             seen.append(str(body.get("replyRef")))  # type: ignore[union-attr]
-            gate.invalidate()  # safe from this handler thread: the next poll starts now
+            # safe from this handler thread: the next poll starts now; the job's id (the
+            # callback is Kling's "get job" answer) frees a slot the counts still show taken
+            gate.invalidate(SERVICES["kling"].job_id_from(body))
         return "", 204
 
     return app

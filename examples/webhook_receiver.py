@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from capgate import CapacityGate
+from capgate import SERVICES, CapacityGate
 from capgate.testing import FakeJob, FakeScheduler
 
 TERMINAL = {"completed", "failed", "moderated", "cancelled", "canceled", "error", "done"}
@@ -47,7 +47,9 @@ def receiver_app(gate: CapacityGate, seen: list[str]) -> Starlette:
         status = str(body.get("status", "")).lower() if isinstance(body, dict) else ""
         if status in TERMINAL:
             seen.append(str(body.get("replyRef")))
-            gate.invalidate()  # sync and cheap: the next poll starts now
+            # sync and cheap: the next poll starts now; with the job's id (the callback is
+            # the service's "get job" answer), a slot the counts still show taken frees now
+            gate.invalidate(SERVICES["kling"].job_id_from(body))
         return Response(status_code=204)
 
     return Starlette(routes=[Route("/useapi-callback", callback, methods=["POST"])])
