@@ -751,6 +751,26 @@ async def cancelled_run(scope: anyio.CancelScope, holder: Holder) -> None:
         await holder.run()
 
 
+async def test_a_cancelled_task_is_cancelled_before_anything_else(make_gate):
+    """A task already cancelled gets its cancellation, not the gate's errors (a closed
+    gate at shutdown), and takes no turn of the round-robin."""
+    gate, _ = make_gate({A: 5, B: 5, C: 5}, poll_interval=3600, strategy="round_robin")
+    async with gate.slot() as first:
+        pass
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with gate.slot():
+            pytest.fail("granted to a cancelled task")
+    async with gate.slot() as second:
+        pass
+    assert (first.account, second.account) == (A, B)
+    await gate.aclose()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with gate.slot():  # GateClosed would escape the cancelled scope
+            pytest.fail("granted by a closed gate")
+
+
 async def test_cancel_after_grant_passes_slot_on(make_gate):
     """Regression (trio memleak_548): a waiter cancelled after its grant, before it ran,
     gives the slot straight to the next waiter, with no new poll."""

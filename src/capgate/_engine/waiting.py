@@ -60,7 +60,7 @@ from .._poll import fetch_capacity
 from .base import Lease, PollTicket, Store, Waiter
 from .forecast import Forecast
 from .ledger import row_limit
-from .loop import checkpoint, current_time
+from .loop import checkpoint, checkpoint_if_cancelled, current_time
 
 __all__ = ["Engine"]
 
@@ -251,6 +251,7 @@ class Engine:
     ) -> tuple[Lease, float]:
         """Wait for a slot (not on an account out for ``model``); returns the lease and
         the seconds waited."""
+        await checkpoint_if_cancelled()  # a cancelled task gets no slot, and no other error
         self._bind_loop()
         self.check_open()
         store = self.store
@@ -261,8 +262,9 @@ class Engine:
             lease = store.grant_nowait(allowed, now)
             if lease is not None:
                 # like trio's CapacityLimiter, a grant yields to the scheduler once, so a
-                # loop of grants cannot starve other tasks; a task cancelled by then gets
-                # no slot (one plain checkpoint: the limiter's two cost twice as much)
+                # loop of grants cannot starve other tasks; a task cancelled meanwhile gives
+                # the slot back, as a queued one granted and cancelled before it ran does
+                # (a plain checkpoint: the limiter's shielded one costs twice as much)
                 try:
                     await checkpoint()
                 except BaseException:
@@ -272,7 +274,6 @@ class Engine:
                 self._count_grant(lease, 0.0, priority)
                 self.waits.observe(0.0)
                 return lease, 0.0
-        await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled task gets no slot
         waiter = Waiter("", 0, priority, allowed, now)  # a store that needs an id names it
         waiter.model = model
         self._enqueue(waiter)
@@ -291,7 +292,7 @@ class Engine:
             if waiter.lease is not None:
                 # granted, but cancelled before this task ran again: the holder never
                 # reaches the body, so the slot goes straight to the next waiter
-                await anyio.lowlevel.checkpoint_if_cancelled()
+                await checkpoint_if_cancelled()
         except BaseException:
             self._abandon(waiter)
             await store.flush()
