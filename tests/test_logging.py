@@ -107,6 +107,24 @@ def test_capture_logs_sees_debug_events():
     assert "capgate.poll_failed" in events
 
 
+def test_capture_logs_after_structlog_is_configured_anew():
+    """A program that configures structlog's processors (a new list) and then captures:
+    the capture still sees the per-grant events."""
+    done = _run(
+        """
+        import atexit, json as _json
+        structlog.configure(processors=[structlog.processors.JSONRenderer()])
+        _capture = structlog.testing.capture_logs()
+        _events = _capture.__enter__()
+        atexit.register(lambda: print(_json.dumps([e["event"] for e in _events])))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    events = json.loads(done.stdout)
+    assert "capgate.grant" in events
+    assert "capgate.settle" in events
+
+
 def test_processor_formatter_gives_json_lines():
     """A handler with ProcessorFormatter(JSONRenderer()) turns each event into a JSON line
     with its fields and level."""

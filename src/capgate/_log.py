@@ -38,10 +38,20 @@ class _Event(dict[str, Any]):
         return f"{self['event']} {fields}" if fields else str(self["event"])
 
 
+#: structlog's global configuration, which ``structlog.get_config()`` copies into a new
+#: dict on every call: the grant and settle events check for ``capture_logs()`` twice per
+#: grant, so they read the chain here (``None`` if a structlog version moved it)
+_config: Any = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
+if not hasattr(_config, "default_processors"):  # pragma: no cover - other structlog versions
+    _config = None
+
+
 def _capture() -> list[Any] | None:
     """The processors of a ``capture_logs()`` in force (it swaps structlog's global ones for
     its own, ending in a ``LogCapture``), else ``None``."""
-    processors: list[Any] = structlog.get_config()["processors"]
+    processors: list[Any] = (
+        structlog.get_config()["processors"] if _config is None else _config.default_processors
+    )
     if processors and isinstance(processors[-1], LogCapture):
         return processors
     return None
