@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 
 from capgate import AccountCapacity, ExecutingJob, Snapshot
 from capgate._engine.ledger import Ledger
+from capgate._policy import WATCH_MAX
 
 
 class Clock:
@@ -716,3 +717,42 @@ def test_before_any_lag_an_end_waits_for_the_poll(ledger):
     ledger.apply_snapshot(snap(("a", 1, 1), jobs=(("job-1", "a"),)), ledger.tick())
     assert not ledger.job_ended("job-1")
     assert ledger.free("a") == 0
+
+
+def test_an_ended_job_no_longer_listed_frees_nothing_more(lagging, clock):
+    """Once a snapshot stops listing the ended job, its slot is the snapshot's own again."""
+    lagging.apply_snapshot(at(20, ("a", 1, 1), jobs=(("job-2", "a"),)), lagging.tick())
+    assert lagging.job_ended("job-2")
+    clock.now = 30
+    lagging.apply_snapshot(at(30, ("a", 1, 1), jobs=(("job-3", "a"),)), lagging.tick())
+    assert lagging.free("a") == 0
+
+
+def test_a_callback_before_the_settle_drops_the_reservation_at_settle(lagging):
+    """A job that failed at once may call back before its holder marks it submitted."""
+    lagging.apply_snapshot(at(20, ("a", 1, 0)), lagging.tick())
+    res = lagging.reserve("a")
+    assert not lagging.job_ended("job-2")  # nothing counted it yet
+    lagging.settle(res, "job-2")
+    assert (lagging.free("a"), lagging.pending("a")) == (1, 0)
+
+
+def test_a_job_listed_twice_frees_one_slot(lagging):
+    jobs = (("job-2", "a"), ("job-2", "a"), ("job-3", "a"))
+    lagging.apply_snapshot(at(20, ("a", 3, 3), jobs=jobs), lagging.tick())
+    lagging.job_ended("job-2")
+    lagging.apply_snapshot(at(25, ("a", 3, 3), jobs=jobs), lagging.tick())
+    assert lagging.free("a") == 1
+
+
+def test_news_of_ended_jobs_is_bounded(lagging):
+    """The ledger keeps at most WATCH_MAX ended ids: the oldest news is forgotten first."""
+    listed = tuple((f"job-{n}", "a") for n in range(2, 4))
+    lagging.apply_snapshot(at(20, ("a", 2, 2), jobs=listed), lagging.tick())
+    lagging.job_ended("job-2")
+    for n in range(WATCH_MAX):
+        lagging.job_ended(f"other-{n}")
+    lagging.apply_snapshot(at(21, ("a", 2, 2), jobs=listed), lagging.tick())
+    assert lagging.free("a") == 0  # job-2's news is gone
+    lagging.job_ended("job-3")
+    assert lagging.free("a") == 1

@@ -382,3 +382,6 @@ def test_callbacks_naming_their_jobs_beat_counts_that_lag():
     with_callbacks = simulate(replace(lagging, callbacks=True), oracle=False)
     assert with_callbacks.makespan < without.makespan - 15.0
     assert with_callbacks.polls < without.polls
+    # the same order of 429s (those before the lag is learnt, and probes'): a slot freed
+    # twice by the news would bring them by the hundred
+    assert with_callbacks.rejected_429 <= 2 * without.rejected_429

@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 import requests
+import structlog
+import structlog.testing
 
 import capgate
 from capgate import (
@@ -440,6 +442,16 @@ def test_refresh_statistics_quarantine_restore(server, gates):
     assert "a@x.io (maintenance)" in repr(gate)
     gate.restore("a@x.io")
     assert "quarantined" not in repr(gate)
+
+
+def test_invalidate_hands_the_job_id_to_the_gate(server, gates):
+    """From a thread, after first use: the id reaches the gate on its loop."""
+    gate = gates(server.fake.token, url=server.url, poll_interval=30)
+    with gate.slot():
+        pass
+    with structlog.testing.capture_logs() as logs:
+        gate.invalidate(1234)
+    assert [e["job_id"] for e in logs if e["event"] == "capgate.invalidate"] == ["1234"]
 
 
 def test_invalidate_from_a_thread_wakes_a_waiter_long_before_poll_interval(server, gates):

@@ -507,12 +507,13 @@ class CapacityGate:
         backoff after a failed poll).
 
         Args:
-            job_id: The job that ended, from its ``replyUrl`` callback, when known. If the
-                snapshot lists that job, or the gate still counts it as one of its own
-                submissions, its slot is free at once and handed to the next waiter, with
-                no poll: with counts that lag, useapi may list a finished job for a while.
-                Otherwise the call is as without it. In fleet mode (not shared through
-                Redis yet) it is always as without it.
+            job_id: The job that ended, from its ``replyUrl`` callback, when known. Once
+                the gate has seen useapi's counts lag (a job of its own listed late), a job
+                the snapshot still lists, or that the gate still counts as one of its own
+                submissions, frees its slot at once: the slot goes to the next waiter with
+                no extra poll (a poll the forecast put off comes at its floor). Before any
+                lag is seen, and in fleet mode (not shared through Redis yet), the call is
+                as without it: the poll within 0.5 s brings the same news.
 
         Raises:
             TypeError: ``job_id`` is neither a string nor an integer.

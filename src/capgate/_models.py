@@ -124,12 +124,17 @@ class Snapshot:
     _by_account: Mapping[str, AccountCapacity] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
-    _job_ids: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
+    _job_accounts: Mapping[str, str | None] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
     _listed: Mapping[str, int] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_account", {a.account: a for a in self.accounts})
-        object.__setattr__(self, "_job_ids", frozenset(j.job_id for j in self.executing))
+        accounts: dict[str, str | None] = {}
+        for job in self.executing:
+            accounts.setdefault(job.job_id, job.account)
+        object.__setattr__(self, "_job_accounts", accounts)
         listed: dict[str, int] = {}
         for job in self.executing:
             if job.account is not None:
@@ -159,14 +164,12 @@ class Snapshot:
 
     def lists_job(self, job_id: str) -> bool:
         """Whether ``job_id`` is among the executing jobs."""
-        return job_id in self._job_ids
+        return job_id in self._job_accounts
 
     def job_account(self, job_id: str) -> str | None:
         """The account ``executing[]`` lists ``job_id`` under (``None``: not listed, or
         listed with no account)."""
-        if job_id not in self._job_ids:
-            return None
-        return next((j.account for j in self.executing if j.job_id == job_id), None)
+        return self._job_accounts.get(job_id)
 
     @property
     def total_free(self) -> int:

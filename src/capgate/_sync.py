@@ -574,8 +574,8 @@ class SyncCapacityGate:
         :meth:`close`, there is nothing to wake and it does nothing.
 
         Args:
-            job_id: The job that ended, when known: its slot is free at once (as
-                :meth:`CapacityGate.invalidate`).
+            job_id: The job that ended, when known: with counts seen to lag, its slot is
+                free at once (as :meth:`CapacityGate.invalidate` says).
 
         Raises:
             TypeError: ``job_id`` is neither a string nor an integer.

@@ -264,8 +264,10 @@ class Ledger:
         ended = self._ended
         if not ended:
             return
+        counted: set[str] = set()  # a job listed twice still holds one slot
         for job in snapshot.executing:
-            if job.account is not None and job.job_id in ended:
+            if job.account is not None and job.job_id in ended and job.job_id not in counted:
+                counted.add(job.job_id)
                 self._ended_listed[job.account] += 1
         horizon = snapshot.requested_at - max(WATCH_FOR, self._lag * LAG_MARGIN)
         for job_id, ended_at in list(ended.items()):
@@ -288,7 +290,10 @@ class Ledger:
         res.settled_tick = self.tick()
         res.settled_at = self._clock()
         res.job_id = job_id
-        if job_id is not None and self._snapshot is not None and self._snapshot.lists_job(job_id):
+        if job_id is not None and (
+            job_id in self._ended  # its callback came first: it ended already
+            or (self._snapshot is not None and self._snapshot.lists_job(job_id))
+        ):
             self._drop(res)
 
     def give_back(self, res: Reservation) -> bool:
