@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from capgate import Candidate
-from capgate._strategy import SCAN_LIMIT, Picker
+from capgate._strategy import SCAN_LIMIT, Picker, Scan
 
 A, B, C = "a@x.io", "b@x.io", "c@x.io"
 
@@ -120,3 +122,27 @@ def test_nothing_left_grants_nothing():
     picker = Picker("most_available", {A: 1})
     assert grants(picker, 2) == [A, None]
     assert not picker
+
+
+@given(
+    free=st.dictionaries(
+        st.sampled_from([f"acct{n}" for n in range(SCAN_LIMIT)]),
+        st.integers(1, 4),
+        max_size=SCAN_LIMIT,
+    ),
+    waiters=st.lists(
+        st.none() | st.frozensets(st.sampled_from([f"acct{n}" for n in range(SCAN_LIMIT)])),
+        max_size=30,
+    ),
+)
+def test_scan_picks_as_the_picker_does(free, waiters):
+    """The hot path's Scan grants the same accounts, in the same order, as Picker's
+    ``most_available`` over the same free slots (server order, no preference order)."""
+    picker, scan = Picker("most_available", dict(free), None), Scan(dict(free))
+    for allowed in waiters:
+        expected, got = picker.pick(allowed), scan.pick(allowed)
+        assert got == expected
+        if expected is not None:
+            picker.take(expected)
+            scan.take(got)
+        assert bool(scan) == bool(picker)

@@ -217,3 +217,33 @@ class Picker:
         if choice not in names:
             raise ValueError(f"strategy returned {choice!r}, which is not one of the candidates")
         return choice
+
+
+class Scan:
+    """A :class:`Picker` for the common case, cheaper to make: ``most_available`` over at
+    most :data:`SCAN_LIMIT` accounts in the server's order, with no preference order (internal).
+
+    Picks exactly as :class:`Picker` would there (:func:`most_available`); one is made for
+    every grant on the hot path.
+    """
+
+    __slots__ = ("free",)
+
+    def __init__(self, free: dict[str, int]) -> None:
+        self.free = free
+
+    def __bool__(self) -> bool:
+        return bool(self.free)  # only accounts with room are kept
+
+    def take(self, account: str) -> None:
+        """Count one grant on ``account``."""
+        left = self.free[account] - 1
+        if left > 0:
+            self.free[account] = left
+        else:
+            del self.free[account]
+
+    def pick(self, allowed: frozenset[str] | None) -> str | None:
+        """The account to grant a waiter restricted to ``allowed`` (``None``: any), if any."""
+        free = self.free
+        return most_available(free, free if allowed is None else [a for a in free if a in allowed])

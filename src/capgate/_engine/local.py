@@ -14,7 +14,7 @@ from .._errors import AuthenticationError, PollError
 from .._log import log
 from .._models import Snapshot
 from .._policy import INVALIDATE_FLOOR, backoff_delay
-from .._strategy import SCAN_LIMIT, Candidate, Picker, most_available
+from .._strategy import SCAN_LIMIT, Candidate, Picker, Scan
 from .base import Lease, PollTicket, StoreView, Waiter
 from .forecast import FASTER
 from .ledger import Ledger, Reservation
@@ -100,11 +100,19 @@ class MemoryStore:
 
     # --- granting -----------------------------------------------------------------------
 
-    def _picker(self, now: float) -> Picker | None:
+    def _picker(self, now: float) -> Picker | Scan | None:
         """This instant's free slots, ready to hand out; ``None`` when there are none."""
         if not self._fresh(now):
             return None
         free = self._ledger.free_accounts(now)
+        config = self._config
+        if (
+            config.strategy == "most_available"
+            and config.accounts is None
+            and not self._medians
+            and len(free) <= SCAN_LIMIT
+        ):
+            return Scan(free) if free else None  # the common case, on the hot path
         if self._allow is not None:
             free = {a: n for a, n in free.items() if a in self._allow}
         if not free:
@@ -121,7 +129,7 @@ class MemoryStore:
         )
 
     def _pick(
-        self, picker: Picker, allowed: frozenset[str] | None, model: str | None = None
+        self, picker: Picker | Scan, allowed: frozenset[str] | None, model: str | None = None
     ) -> str | None:
         """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""
         if model is not None:
@@ -145,7 +153,7 @@ class MemoryStore:
             self._rr_last = account
         return account
 
-    def _faster(self, picker: Picker, allowed: frozenset[str] | None, account: str) -> str:
+    def _faster(self, picker: Picker | Scan, allowed: frozenset[str] | None, account: str) -> str:
         """``account``, or an account with room whose jobs end markedly sooner (learnt)."""
         medians = self._medians
         own = medians.get(account)
@@ -174,24 +182,15 @@ class MemoryStore:
         return Lease(account, now, self._ledger.reserve(account, now))
 
     def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
-        config = self._config
-        if (
-            allowed is None
-            and config.strategy == "most_available"
-            and config.accounts is None
-            and not self._medians
-        ):
-            # the hot path: one grant by the default strategy, with no picker to build
-            free = self._ledger.free_accounts(now) if self._fresh(now) else None
-            if not free:
-                return None
-            if len(free) <= SCAN_LIMIT:
-                account = most_available(free, free)
-                assert account is not None  # noqa: S101 - every account listed has room
+        picker = self._picker(now)
+        if picker is None:
+            return None
+        if allowed is None and isinstance(picker, Scan):  # the hot path: one pick, no more
+            account = picker.pick(None)
+            if account is not None:
                 self._rr_last = account
                 return self._lease(account, now)
-        picker = self._picker(now)
-        account = None if picker is None else self._pick(picker, allowed)
+        account = self._pick(picker, allowed)
         return None if account is None else self._lease(account, now)
 
     def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
