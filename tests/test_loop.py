@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from capgate._engine.loop import checkpoint, current_time
+from capgate._engine.loop import checkpoint, current_time, loop_marker
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +57,18 @@ def test_current_time_outside_a_loop_raises_like_anyio():
     with pytest.raises(Exception) as anyios:
         anyio.current_time()
     assert type(mine.value) is type(anyios.value)
+
+
+async def test_loop_marker_is_the_same_within_a_run():
+    first = loop_marker()
+    await checkpoint()
+    assert loop_marker() is first
+
+
+def test_loop_marker_differs_between_runs():
+    markers = [anyio.run(_marker) for _ in range(2)]
+    assert markers[0] is not markers[1]
+
+
+async def _marker() -> object:
+    return loop_marker()

@@ -26,7 +26,14 @@ try:  # trio needs sniffio, so with no sniffio there is no trio either
 except ImportError:  # pragma: no cover - sniffio comes with trio and the test extras
     _library = None
 
-__all__ = ["Event", "checkpoint", "checkpoint_if_cancelled", "current_time", "event"]
+__all__ = [
+    "Event",
+    "checkpoint",
+    "checkpoint_if_cancelled",
+    "current_time",
+    "event",
+    "loop_marker",
+]
 
 #: the C function behind asyncio.get_running_loop(), returning None instead of raising
 _running_loop = asyncio._get_running_loop
@@ -44,6 +51,17 @@ def _on_trio() -> ModuleType | None:
 
         _trio = trio
     return _trio
+
+
+def loop_marker() -> object:
+    """A cheap identity of the running event loop: trio's token, or the asyncio loop."""
+    trio = _on_trio()
+    if trio is not None:
+        return trio.lowlevel.current_trio_token()
+    loop = _running_loop()
+    if loop is None:
+        raise RuntimeError("no running event loop")
+    return loop
 
 
 def current_time() -> float:

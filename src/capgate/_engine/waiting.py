@@ -36,7 +36,7 @@ import dataclasses
 import math
 import random
 import threading
-from collections.abc import Callable, Collection, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -60,7 +60,7 @@ from .._poll import fetch_capacity
 from .base import Lease, PollTicket, Store, Waiter
 from .forecast import Forecast
 from .ledger import row_limit
-from .loop import checkpoint, checkpoint_if_cancelled, current_time
+from .loop import checkpoint, checkpoint_if_cancelled, current_time, loop_marker
 
 __all__ = ["Engine"]
 
@@ -91,16 +91,6 @@ def _need_clock() -> None:
 
 #: seconds a call from another thread waits for the gate's loop to run it
 ON_LOOP_TIMEOUT = 5.0
-
-
-def _loop_marker() -> object:
-    """A cheap identity of the running event loop (the asyncio loop, or trio's token)."""
-    loop = asyncio._get_running_loop()
-    if loop is not None:
-        return loop
-    import trio
-
-    return trio.lowlevel.current_trio_token()
 
 
 def _spawn_from_thread(
@@ -200,7 +190,7 @@ class Engine:
 
     def _bind_loop(self) -> None:
         """Remember the loop the gate runs on (again, when it runs on a new one)."""
-        marker = _loop_marker()
+        marker = loop_marker()
         loop = self._loop
         if loop is None or loop[2] is not marker:
             self._loop = (anyio.lowlevel.current_token(), threading.get_ident(), marker)
@@ -646,8 +636,8 @@ class Engine:
         self._planned_at = -math.inf
         self._wake_driver()
 
-    async def flush(self) -> None:
-        await self.store.flush()
+    def flush(self) -> Awaitable[None]:
+        return self.store.flush()  # awaited by the caller: one coroutine frame less
 
     # --- polling ----------------------------------------------------------------------------
 
