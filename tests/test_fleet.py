@@ -708,8 +708,10 @@ async def test_killed_process_slots_come_back_within_lease_ttl(make_gate, namesp
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.communicate(timeout=10)
-    # lease_ttl after its last renewal, then one poll (renewals every ttl / 4)
-    assert back <= ttl + 1.0, back
+    # lease_ttl after its last renewal, then one poll (renewals every ttl / 4): about 2 s;
+    # the bound leaves a loaded 2-core machine room (3.0 s was seen once against ttl + 1)
+    # while still telling the lease's expiry from anything slower (a poll interval is 3 s)
+    assert back <= 2 * ttl + 1.0, back
 
 
 # --- the driver role, a cancel after the grant, huge counts (from a fresh-eyes review) -------

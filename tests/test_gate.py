@@ -581,8 +581,10 @@ async def test_first_come_first_served(make_gate):
 
 async def test_higher_priority_first(make_gate):
     """A higher priority is served before earlier arrivals of lower priority."""
-    gate, fake = make_gate({A: 1})
-    fake.add_outside_job(A, duration=3 * P)
+    # the slot frees only once all four wait, however slow the machine (asyncio runs on
+    # the real clock: an outside job of a few P could end while they are still arriving)
+    gate, fake = make_gate({A: 1}, poll_interval=3600)
+    fake.add_outside_job(A, duration=3600)
     order: list[str] = []
     holders = [
         Holder(gate, "low", priority=0),
@@ -592,10 +594,14 @@ async def test_higher_priority_first(make_gate):
     ]
     async with anyio.create_task_group() as tg:
         await start_in_order(tg, holders, order=order)
+        for job in fake.running():
+            job.end = anyio.current_time()
         while len(order) < len(holders):
-            await anyio.sleep(P)
+            await gate.refresh()  # shows the slot free (its holder left since the last)
+            await anyio.wait_all_tasks_blocked()
             for holder in holders:
                 holder.release.set()  # release whoever holds it
+            await anyio.wait_all_tasks_blocked()
     assert order == ["high", "mid", "low", "low2"]
 
 

@@ -400,6 +400,10 @@ class FleetStore:
         self._listen_gen = 0
         self._closed = False
         self._detached = False
+        # scripts running in worker threads: detaching disconnects the pool, which would
+        # cut a call in flight mid-read (redis-py then fails with an AttributeError)
+        self._calls = 0
+        self._calls_done = threading.Condition()
         self._down_since: float | None = None
         self._down_lock = threading.Lock()
 
@@ -432,7 +436,14 @@ class FleetStore:
     def _call(self, op: str, **named: Any) -> Any:
         """Run one script (blocking; in a worker or the renewal thread)."""
         named.update(self._fixed)
-        raw = self._scripts[op](keys=[self._prefix], args=[json.dumps(named)])
+        with self._calls_done:
+            self._calls += 1
+        try:
+            raw = self._scripts[op](keys=[self._prefix], args=[json.dumps(named)])
+        finally:
+            with self._calls_done:
+                self._calls -= 1
+                self._calls_done.notify_all()
         return json.loads(raw)
 
     def _stamp(self, named: dict[str, Any]) -> dict[str, Any]:
@@ -1038,4 +1049,6 @@ class FleetStore:
             if self._detached:
                 return
             self._detached = True
+        with self._calls_done:  # a script in flight ends within the socket timeout
+            self._calls_done.wait_for(lambda: self._calls == 0, self._rs.socket_timeout + 1)
         self._rs._detach()
