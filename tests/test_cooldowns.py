@@ -116,3 +116,27 @@ def test_cooldowns_are_checked():
         "t", service="google-flow", max_jobs={A: 1}, cooldowns={PER_MODEL: "utc-midnight"}
     )
     assert {c.reason for c in gate._engine.config.cooldowns} >= {PER_MODEL}
+
+
+async def test_a_model_quarantine_running_out_does_not_spin_the_driver(make_gate, monkeypatch):
+    """A quarantine for one model ends while only waiters for any model wait: the driver
+    sleeps on (seen by a review: it woke at once, again and again, at full CPU)."""
+    from capgate._engine import local
+
+    wakes = 0
+    sleep = local.MemoryStore.wait
+
+    async def counted(self: local.MemoryStore, waiter: object, timeout: float) -> None:
+        nonlocal wakes
+        wakes += 1
+        assert wakes < 100, "the driver spins"
+        await sleep(self, waiter, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local.MemoryStore, "wait", counted)
+    gate, _ = make_gate({"a@x.io": 1}, poll_interval=3600)
+    async with gate.slot():  # holds the only slot
+        gate.quarantine("a@x.io", 0.2, "per-model quota", model="m1")
+        with anyio.move_on_after(1.2):
+            async with gate.slot():
+                pass
+    assert wakes < 10

@@ -223,9 +223,11 @@ class MemoryStore:
         return self._next_poll_at - now
 
     def next_change_in(self, now: float) -> float:
-        # drop expired quarantines first: one left behind (its account absent from the
-        # snapshot, so no grant pass looked at it) would be "due" forever and spin
+        # drop expired quarantines first, whole-account and per-model alike: one left behind
+        # (its account absent from the snapshot, or no waiter for that model asking) would
+        # be "due" forever and spin the driver
         self._ledger.quarantine_items(now)
+        self._ledger.model_quarantine_items("", now)  # drops every expired one
         expiry = self._ledger.next_quarantine_expiry()
         return math.inf if expiry is None else expiry - now
 
