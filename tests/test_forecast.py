@@ -11,10 +11,12 @@ from capgate._engine.forecast import (
     DEFER_SAMPLES,
     MAX_DEFER,
     MIN_SAMPLES,
+    PROBE_RECHECK,
     Durations,
     Forecast,
     _surely_at_least,
 )
+from capgate._engine.ledger import Ledger
 
 
 def snap(at: float, *jobs: tuple[str, str, float], skipped: int = 0) -> Snapshot:
@@ -354,3 +356,29 @@ async def test_most_available_prefers_an_account_whose_jobs_end_markedly_sooner(
     lease = store.grant_nowait(None, ticket.sent)
     assert lease is not None
     assert lease.account == granted
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+async def test_a_probe_slot_goes_to_the_driver_at_once(make_gate, monkeypatch):
+    """Counts that lag: when the forecast says a listed job has probably ended, the driver
+    takes that slot in the same step, not a recheck later (seen by a review: 1 s late)."""
+    import anyio
+
+    free_from = 5.0
+    monkeypatch.setattr(Forecast, "ready", property(lambda self: True))
+    monkeypatch.setattr(Ledger, "lag_floor", property(lambda self: 2.0))
+
+    def probably_freed(self: Forecast, now: float, lag: float) -> tuple[dict[str, int], float]:
+        return ({"a@x.io": 1} if now >= free_from else {}), now + PROBE_RECHECK
+
+    monkeypatch.setattr(Forecast, "probably_freed", probably_freed)
+    gate, fake = make_gate({"a@x.io": 1}, poll_interval=3600)
+    fake.add_outside_job("a@x.io", duration=3600)  # listed: full by the counts
+    await gate.refresh()
+    await anyio.sleep(free_from + 0.5 - anyio.current_time())
+    arrived = anyio.current_time()
+    async with gate.slot() as slot:
+        assert slot.account == "a@x.io"
+        assert anyio.current_time() == arrived
+    assert gate.statistics().polls == 1

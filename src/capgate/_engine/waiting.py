@@ -36,7 +36,7 @@ import dataclasses
 import math
 import random
 import threading
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -166,6 +166,8 @@ class Engine:
         self._waiting = 0
         self._model_waiters = 0  # waiters for one model: they must be checked one by one
         self._restricted = 0  # waiters for some accounts only, or for one model
+        self._expected: Mapping[str, int] = {}  # the last probes handed to the store,
+        self._expected_for: Snapshot | None = None  # for this snapshot
         self._driver: Waiter | None = None
         self._inflight: _Inflight | None = None
         self._tasks: set[Any] = set()
@@ -331,6 +333,8 @@ class Engine:
         store = self.store
         now = current_time()
         wait = min(store.next_change_in(now), self._expect(now) - now)
+        if waiter.lease is not None or waiter.error is not None:
+            return  # granted a probe's slot just now
         if self._inflight is None:
             due = self._poll_due_in(now)
             if due <= 0:
@@ -360,6 +364,11 @@ class Engine:
             return math.inf
         freed, soonest = self.forecast.probably_freed(now, lag)
         self.store.expect_freed(freed)
+        # a snapshot clears the store's expectation: compare with what this one was given
+        before = self._expected if self._expected_for is snapshot else {}
+        if any(n > before.get(a, 0) for a, n in freed.items()):
+            self._dispatch()  # a slot more than before: hand it out now, not at the next step
+        self._expected, self._expected_for = freed, snapshot
         return soonest
 
     def _poll_due_in(self, now: float) -> float:
