@@ -771,3 +771,19 @@ def test_news_of_ended_jobs_is_bounded(lagging):
     assert lagging.free("a") == 0  # job-2's news is gone
     lagging.job_ended("job-3")
     assert lagging.free("a") == 1
+
+
+def test_expecting_more_says_so(lagging, clock):
+    """expect_freed() is True when some account expects more than before (the core then
+    runs a pass); a snapshot clears the expectation."""
+    lagging.apply_snapshot(
+        at(20, ("a", 2, 2), jobs=(("job-2", "a"), ("job-3", "a"))), lagging.tick()
+    )
+    assert lagging.expect_freed({"a": 1})
+    assert not lagging.expect_freed({"a": 1})
+    assert lagging.expect_freed({"a": 2})
+    clock.now = 25
+    lagging.apply_snapshot(
+        at(25, ("a", 2, 2), jobs=(("job-2", "a"), ("job-3", "a"))), lagging.tick()
+    )
+    assert lagging.expect_freed({"a": 1})

@@ -732,14 +732,16 @@ async def test_invalidate_after_close_is_harmless(make_gate):
     assert fake.requests == 0
 
 
-async def test_callback_invalidate_polls_before_poll_interval(make_gate):
+@pytest.mark.parametrize("named", [False, True], ids=["invalidate()", "invalidate(job_id)"])
+async def test_callback_invalidate_polls_before_poll_interval(make_gate, named):
     """A terminal callback calling invalidate() gets the waiter its slot long before
-    poll_interval."""
+    poll_interval. With counts that have never lagged, naming the job changes nothing:
+    the poll within 0.5 s brings the news."""
     gate, fake = make_gate({A: 1}, poll_interval=60.0)
     fake.add_outside_job(A, duration=12 * P)
 
     async def done(job: FakeJob) -> None:
-        gate.invalidate()
+        gate.invalidate(job.job_id if named else None)
 
     fake.on_job_done = done
     async with anyio.create_task_group() as tg:
@@ -750,24 +752,6 @@ async def test_callback_invalidate_polls_before_poll_interval(make_gate):
         tg.cancel_scope.cancel()
     assert fake.polls == 2
     assert fake.poll_times[1] - fake.poll_times[0] >= 12 * P
-
-
-async def test_callback_naming_its_job_polls_as_before_until_a_lag_is_seen(make_gate):
-    """Counts that have never lagged: the poll within 0.5 s brings the news."""
-    gate, fake = make_gate({A: 1}, poll_interval=60.0)
-    fake.add_outside_job(A, duration=12 * P)
-
-    async def done(job: FakeJob) -> None:
-        gate.invalidate(job.job_id)
-
-    fake.on_job_done = done
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(fake.run_callbacks)
-        with anyio.fail_after(40 * P):
-            async with gate.slot():
-                pass
-        tg.cancel_scope.cancel()
-    assert fake.polls == 2
 
 
 @pytest.mark.parametrize("job_id", [1.5, True, b"id", ["id"]])

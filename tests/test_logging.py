@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # A program that uses the gate against the in-memory fake: polls, grants, settles, and one
 # failed poll (a warning); SETUP is replaced by each test's logging configuration.
 PROGRAM = """
@@ -89,11 +91,22 @@ def test_logger_level_warning_silences_info():
     assert "capgate.grant" not in done.stderr
 
 
-def test_capture_logs_sees_debug_events():
+@pytest.mark.parametrize(
+    "configure",
+    [
+        "",
+        # structlog configured anew (a new processor list) before the capture: capgate's
+        # per-grant check must still find the capture
+        "structlog.configure(processors=[structlog.processors.JSONRenderer()])",
+    ],
+    ids=["as configured", "configured anew"],
+)
+def test_capture_logs_sees_debug_events(configure):
     """structlog.testing.capture_logs() sees every event, debug included, with no handler."""
     done = _run(
-        """
+        f"""
         import atexit, json as _json
+        {configure}
         _capture = structlog.testing.capture_logs()
         _events = _capture.__enter__()
         atexit.register(lambda: print(_json.dumps([e["event"] for e in _events])))
@@ -105,24 +118,6 @@ def test_capture_logs_sees_debug_events():
     assert "capgate.settle" in events
     assert "capgate.poll" in events
     assert "capgate.poll_failed" in events
-
-
-def test_capture_logs_after_structlog_is_configured_anew():
-    """A program that configures structlog's processors (a new list) and then captures:
-    the capture still sees the per-grant events."""
-    done = _run(
-        """
-        import atexit, json as _json
-        structlog.configure(processors=[structlog.processors.JSONRenderer()])
-        _capture = structlog.testing.capture_logs()
-        _events = _capture.__enter__()
-        atexit.register(lambda: print(_json.dumps([e["event"] for e in _events])))
-        """
-    )
-    assert done.returncode == 0, done.stderr
-    events = json.loads(done.stdout)
-    assert "capgate.grant" in events
-    assert "capgate.settle" in events
 
 
 def test_processor_formatter_gives_json_lines():

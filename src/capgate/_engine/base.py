@@ -190,10 +190,11 @@ class Store(Protocol):
     A method returning ``True`` made room: the core then runs a dispatch pass.
     """
 
-    #: Everything the store knows is in this process: an exchange brings no news, and the
-    #: core runs a dispatch pass after every change. So a new waiter that may use any
-    #: account, behind only such waiters, cannot be granted before the next change: the
-    #: core does not exchange for it at all.
+    #: Everything the store knows is in this process: an exchange brings no news. The core
+    #: runs a dispatch pass after every change it makes, and the driver's next step catches
+    #: the ones time makes (a quarantine running out, a probe). So a new waiter that may use
+    #: any account, behind only such waiters, cannot be granted on arrival: the core does
+    #: not exchange for it at all.
     in_process: bool
 
     def view(self, now: float) -> StoreView:
@@ -281,10 +282,11 @@ class Store(Protocol):
         even while the snapshot still lists it. True if that made room now. A store may
         ignore it (the poll ``invalidate()`` asks for brings the news, later)."""
 
-    def expect_freed(self, expected: Mapping[str, int]) -> None:
+    def expect_freed(self, expected: Mapping[str, int]) -> bool:
         """Per account, listed jobs that have probably ended since the snapshot (counts
-        that lag): grant that many more slots there until the next snapshot. A store may
-        ignore it (never oversubscribing, only slower)."""
+        that lag): grant that many more slots there until the next snapshot. True if some
+        account expects more than before. A store may ignore it (never oversubscribing,
+        only slower)."""
 
     def prefer_faster(self, medians: Mapping[str, float]) -> None:
         """The learnt median job duration per account: with ``most_available``, a grant

@@ -882,9 +882,9 @@ class FleetStore:
         # not in the scripts yet: the fleet learns of the end from the poll invalidate() asks
         return False
 
-    def expect_freed(self, expected: Mapping[str, int]) -> None:
+    def expect_freed(self, expected: Mapping[str, int]) -> bool:
         # probes on counts that lag are not in the scripts yet: a fleet waits for the counts
-        return None
+        return False
 
     def prefer_faster(self, medians: Mapping[str, float]) -> None:
         # the dispatch pass runs in Redis with the fleet's strategy as configured

@@ -363,14 +363,17 @@ class Ledger:
             return 0
         return min(0, cap - (self._snapshot.running(account) or 0))
 
-    def expect_freed(self, expected: Mapping[str, int]) -> None:
+    def expect_freed(self, expected: Mapping[str, int]) -> bool:
         """Count ``expected[a]`` more slots on ``a``: listed jobs that have probably ended
         since the snapshot (replaces the previous expectation; a snapshot clears it).
+        True if some account expects more than before.
 
         A grant on such a slot is a probe: a 429 marks the account busy until the next
         snapshot, so each account costs at most one 429 per snapshot.
         """
+        before = self._expected
         self._expected = {a: n for a, n in expected.items() if n > 0}
+        return any(n > before.get(a, 0) for a, n in self._expected.items())
 
     def _limit(self, snapshot: Snapshot, row: AccountCapacity) -> int:
         return row_limit(snapshot, row, self.cap(row))

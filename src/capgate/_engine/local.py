@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import cast
 
 from .._config import GateConfig
 from .._errors import AuthenticationError, PollError
@@ -185,11 +186,9 @@ class MemoryStore:
         picker = self._picker(now)
         if picker is None:
             return None
-        if allowed is None and isinstance(picker, Scan):  # the hot path: one pick, no more
-            account = picker.pick(None)
-            if account is not None:
-                self._rr_last = account
-                return self._lease(account, now)
+        if allowed is None and isinstance(picker, Scan):
+            # the hot path: one pick and no more (a Scan is never made empty)
+            return self._lease(cast(str, picker.pick(None)), now)
         account = self._pick(picker, allowed)
         return None if account is None else self._lease(account, now)
 
@@ -326,8 +325,8 @@ class MemoryStore:
     def job_ended(self, job_id: str) -> bool:
         return self._ledger.job_ended(job_id)
 
-    def expect_freed(self, expected: Mapping[str, int]) -> None:
-        self._ledger.expect_freed(expected)
+    def expect_freed(self, expected: Mapping[str, int]) -> bool:
+        return self._ledger.expect_freed(expected)
 
     def prefer_faster(self, medians: Mapping[str, float]) -> None:
         self._medians = dict(medians)

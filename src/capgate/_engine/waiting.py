@@ -36,7 +36,7 @@ import dataclasses
 import math
 import random
 import threading
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -166,8 +166,6 @@ class Engine:
         self._waiting = 0
         self._model_waiters = 0  # waiters for one model: they must be checked one by one
         self._restricted = 0  # waiters for some accounts only, or for one model
-        self._expected: Mapping[str, int] = {}  # the last probes handed to the store,
-        self._expected_for: Snapshot | None = None  # for this snapshot
         self._driver: Waiter | None = None
         self._inflight: _Inflight | None = None
         self._tasks: set[Any] = set()
@@ -363,12 +361,8 @@ class Engine:
         if lag <= 0:
             return math.inf
         freed, soonest = self.forecast.probably_freed(now, lag)
-        self.store.expect_freed(freed)
-        # a snapshot clears the store's expectation: compare with what this one was given
-        before = self._expected if self._expected_for is snapshot else {}
-        if any(n > before.get(a, 0) for a, n in freed.items()):
+        if self.store.expect_freed(freed):
             self._dispatch()  # a slot more than before: hand it out now, not at the next step
-        self._expected, self._expected_for = freed, snapshot
         return soonest
 
     def _poll_due_in(self, now: float) -> float:
@@ -483,8 +477,8 @@ class Engine:
             yield from queue
 
     def _wake_next(self) -> None:
-        """Wake the last in line to take the driver role: it is served last, so the role
-        moves seldom (the first in line would hand it on again at the very next grant)."""
+        """Wake the last in line to take the driver role: it is usually served last, so the
+        role moves seldom (the first in line would hand it on again at the next grant)."""
         for queue in reversed(self._queues.values()):
             for successor in reversed(queue):
                 if not successor.woken:  # already, when several waiters leave in a row
