@@ -117,6 +117,27 @@ def test_an_older_snapshot_is_ignored():
     assert "a" not in forecast._by_account
 
 
+def test_residual_is_the_mean_time_left_within_the_ends_seen():
+    """Ends spread evenly over 0-100 s: a job 50 s old has about 25 s left on average; one
+    older than the longest end seen has no guess (inf)."""
+    durations = Durations(200)
+    for end in range(1, 101):
+        durations.add(end, end)
+    assert durations.residual(50) == pytest.approx(25, abs=1)
+    assert durations.residual(0) == pytest.approx(50, abs=1.5)
+    assert durations.residual(150) == math.inf
+
+
+def test_expected_ends_place_each_listed_job_on_the_clock():
+    """Jobs of 60 s: one listed 50 s old at t = 1000 is expected to end about t = 1010;
+    an account with no durations to go by is left out."""
+    forecast = learnt([60.0] * MIN_SAMPLES * 2, gap=1.0)
+    forecast.observe(snap(1000, ("new", "a", 50)))
+    ends = forecast.expected_ends()
+    assert list(ends) == ["a"]
+    assert ends["a"] == [pytest.approx(1010, abs=2)]
+
+
 def test_median_duration_and_next_completion_in_the_outlook():
     """Jobs of 60 s: one listed 50 s old is expected to end about 10 s on."""
     forecast = learnt([60.0] * MIN_SAMPLES * 2, gap=1.0)
@@ -352,7 +373,7 @@ async def test_most_available_prefers_an_account_whose_jobs_end_markedly_sooner(
     assert not isinstance(ticket, float)
     rows = (AccountCapacity("a", 5, 0, 5), AccountCapacity("b", 2, 0, 2))
     await store.apply(ticket, Snapshot("kling", rows, (), ticket.sent, ticket.sent), 5.0)
-    store.prefer_faster(medians)
+    store.prefer_faster(store.snapshot(), medians, {})
     lease = store.grant_nowait(None, ticket.sent)
     assert lease is not None
     assert lease.account == granted

@@ -100,6 +100,7 @@ class Waiter(Wakeup):
     __slots__ = (
         "allowed",
         "arrived",
+        "deadline",
         "error",
         "lease",
         "left",
@@ -122,6 +123,7 @@ class Waiter(Wakeup):
         self.error: BaseException | None = None
         self.left = False  # gave up: a grant that comes now must go back
         self.model: str | None = None  # an account quarantined for this model is not for it
+        self.deadline = math.inf  # when it stops waiting (its timeout), if it has one
 
     @property
     def open(self) -> bool:
@@ -213,8 +215,11 @@ class Store(Protocol):
 
     # --- granting -----------------------------------------------------------------------
 
-    def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
-        """A slot at once for a caller with nobody queued ahead, or ``None``."""
+    def grant_nowait(
+        self, allowed: frozenset[str] | None, now: float, deadline: float = math.inf
+    ) -> Lease | None:
+        """A slot at once for a caller with nobody queued ahead (who waits at most until
+        ``deadline``), or ``None``."""
 
     def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
         """One pass over ``queue`` (in service order): grant every waiter it can."""
@@ -288,10 +293,15 @@ class Store(Protocol):
         account expects more than before. A store may ignore it (never oversubscribing,
         only slower)."""
 
-    def prefer_faster(self, medians: Mapping[str, float]) -> None:
-        """The learnt median job duration per account: with ``most_available``, a grant
-        goes to an account with room whose jobs end markedly sooner than the pick's
-        (:data:`~capgate._engine.forecast.FASTER`). A store may ignore it."""
+    def prefer_faster(
+        self, snapshot: Snapshot, medians: Mapping[str, float], ends: Mapping[str, list[float]]
+    ) -> None:
+        """What the forecast learnt as of ``snapshot``: the median job duration per account,
+        and when each account's listed jobs are expected to end. With ``most_available``, a
+        grant goes to an account with room whose jobs end markedly sooner than the pick's
+        (:data:`~capgate._engine.forecast.FASTER`), and a waiter may be left for a slot
+        that frees later where its job would finish sooner (:mod:`.placement`). A store may
+        ignore it."""
 
     async def flush(self) -> None:
         """Wait (bounded) until the recorded changes reached the store."""

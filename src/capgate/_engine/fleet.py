@@ -566,7 +566,9 @@ class FleetStore:
 
     # --- granting ---------------------------------------------------------------------------
 
-    def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
+    def grant_nowait(
+        self, allowed: frozenset[str] | None, now: float, deadline: float = math.inf
+    ) -> Lease | None:
         return None  # the fleet's queue is in Redis: only a script may grant
 
     def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
@@ -886,7 +888,9 @@ class FleetStore:
         # probes on counts that lag are not in the scripts yet: a fleet waits for the counts
         return False
 
-    def prefer_faster(self, medians: Mapping[str, float]) -> None:
+    def prefer_faster(
+        self, snapshot: Snapshot, medians: Mapping[str, float], ends: Mapping[str, list[float]]
+    ) -> None:
         # the dispatch pass runs in Redis with the fleet's strategy as configured
         return None
 

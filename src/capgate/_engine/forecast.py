@@ -32,8 +32,10 @@ Counts that lag (:meth:`Forecast.probably_freed`): a job listed by a snapshot th
 the account ``lag`` seconds late may have ended since; the listed jobs that have, with
 :data:`PROBE_CONFIDENCE`, are granted as probes (see the ledger's ``expect_freed``).
 
-Placement (:meth:`Forecast.medians`): with ``most_available``, the in-memory store sends a
-grant to an account with room whose jobs end markedly sooner (:data:`FASTER`).
+Placement (:meth:`Forecast.medians`, :meth:`Forecast.expected_ends`): with
+``most_available``, the in-memory store sends a grant to an account with room whose jobs end
+markedly sooner (:data:`FASTER`), and plans each pass by expected earliest finish
+(``placement.py``).
 """
 
 from __future__ import annotations
@@ -160,6 +162,23 @@ class Durations:
         i = bisect.bisect_right(xs, x)
         x0, x1 = xs[i - 1], xs[i]
         return fs[i - 1] + (fs[i] - fs[i - 1]) * (x - x0) / (x1 - x0)
+
+    def residual(self, age: float) -> float:
+        """Expected seconds left for a job of ``age`` still running (its mean residual
+        life), with every job taken to end by the longest end seen; ``inf`` past it."""
+        if not self.covers(age):
+            return math.inf
+        xs, fs = self._curve()
+        alive = 1.0 - self.cdf(age)
+        if alive <= 1e-9:
+            return 0.0
+        # the area under the survival curve from age to the last end seen, piecewise linear
+        area, x0, f0 = 0.0, age, self.cdf(age)
+        after = bisect.bisect_right(xs, age)
+        for x1, f1 in zip(xs[after:], fs[after:], strict=True):
+            area += (x1 - x0) * (1.0 - (f0 + f1) / 2)
+            x0, f0 = x1, f1
+        return area / alive
 
     def median(self) -> float:
         """The median duration of the jobs seen to end (each at its interval's middle)."""
@@ -424,6 +443,27 @@ class Forecast:
                 freed[account] = n
         soonest = now + PROBE_RECHECK if chances else math.inf
         return freed, soonest
+
+    def expected_ends(self) -> dict[str, list[float]]:
+        """Per account, when the latest snapshot's listed jobs are expected to end: the
+        snapshot's request plus each job's expected time left (:meth:`Durations.residual`).
+        A job older than any seen to end, or with no durations to go by, is left out."""
+        latest = self._latest
+        if latest is None:
+            return {}
+        origin = latest.requested_at
+        ends: dict[str, list[float]] = {}
+        for account, jobs in self._listed.items():
+            if account is None:
+                continue
+            durations = self.durations(account)
+            if durations is None:
+                continue
+            for job in jobs:
+                left = durations.residual(origin - job.start)
+                if left < math.inf:
+                    ends.setdefault(account, []).append(origin + left)
+        return ends
 
     def outlook(self, account: str, now: float) -> Outlook:
         """What is known and expected of ``account`` at ``now`` (see :class:`Outlook`)."""

@@ -20,6 +20,7 @@ from .base import Lease, PollTicket, StoreView, Waiter
 from .forecast import FASTER
 from .ledger import Ledger, Reservation
 from .loop import current_time
+from .placement import FinishFirst
 
 __all__ = ["MemoryStore"]
 
@@ -46,6 +47,9 @@ class MemoryStore:
         self._polls = 0
         self._polls_failed = 0
         self._medians: dict[str, float] = {}  # learnt median duration per account
+        # when the listed jobs are expected to end, per account, and the snapshot they are of
+        self._ends: Mapping[str, list[float]] = {}
+        self._ends_of: Snapshot | None = None
 
     # --- the view -----------------------------------------------------------------------
 
@@ -129,15 +133,50 @@ class MemoryStore:
             self._config.strategy, free, order, last=self._rr_last, describe=self._candidate
         )
 
+    def _plan(self, picker: Picker | Scan, now: float) -> FinishFirst | None:
+        """This pass's plan by expected earliest finish, when the learnt durations call for
+        one (see placement.py); ``None``: grant every free slot, as the strategy picks."""
+        medians = self._medians
+        if (
+            not medians
+            or self._config.strategy != "most_available"
+            or self._ends_of is not self._ledger.snapshot
+            or not FinishFirst.applies(picker.free, medians)
+        ):
+            return None
+        out = self.quarantined(now)
+        allow = self._allow
+        usable = {
+            a: m for a, m in medians.items() if a not in out and (allow is None or a in allow)
+        }
+        busy = {a: list(self._ends.get(a, ())) for a in usable}
+        for account, n in self._ledger.pending_counts().items():
+            if account in usable:
+                # a reservation the counts do not show yet: a job just started
+                busy[account].extend([now + usable[account]] * n)
+        return FinishFirst(now, picker.free, usable, busy)
+
     def _pick(
-        self, picker: Picker | Scan, allowed: frozenset[str] | None, model: str | None = None
+        self,
+        picker: Picker | Scan,
+        allowed: frozenset[str] | None,
+        model: str | None = None,
+        plan: FinishFirst | None = None,
+        deadline: float = math.inf,
     ) -> str | None:
-        """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken."""
+        """The account ``picker`` grants a waiter allowed ``allowed``, counted as taken;
+        ``None`` also when ``plan`` leaves the waiter for a slot that frees later."""
         if model is not None:
             blocked = self._ledger.model_quarantine_items(model)
             if blocked:
                 base = allowed if allowed is not None else frozenset(picker.free)
                 allowed = frozenset(a for a in base if a not in blocked)
+        if plan is not None:
+            usable = plan.usable(allowed, deadline)
+            if usable is not None:
+                if not usable:
+                    return None  # it finishes sooner on a slot that frees later
+                allowed = usable
         try:
             account = picker.pick(allowed)
         except Exception as exc:
@@ -152,6 +191,8 @@ class MemoryStore:
         if account is not None:
             picker.take(account)
             self._rr_last = account
+            if plan is not None:
+                plan.took(account)
         return account
 
     def _faster(self, picker: Picker | Scan, allowed: frozenset[str] | None, account: str) -> str:
@@ -182,14 +223,16 @@ class MemoryStore:
     def _lease(self, account: str, now: float) -> Lease:
         return Lease(account, now, self._ledger.reserve(account, now))
 
-    def grant_nowait(self, allowed: frozenset[str] | None, now: float) -> Lease | None:
+    def grant_nowait(
+        self, allowed: frozenset[str] | None, now: float, deadline: float = math.inf
+    ) -> Lease | None:
         picker = self._picker(now)
         if picker is None:
             return None
         if allowed is None and isinstance(picker, Scan):
             # the hot path: one pick and no more (a Scan is never made empty)
             return self._lease(cast(str, picker.pick(None)), now)
-        account = self._pick(picker, allowed)
+        account = self._pick(picker, allowed, None, self._plan(picker, now), deadline)
         return None if account is None else self._lease(account, now)
 
     def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
@@ -199,8 +242,9 @@ class MemoryStore:
         # the pass stops as soon as the free slots run out, so its cost follows the grants,
         # not the length of the queue
         grants: list[tuple[Waiter, Lease]] = []
+        plan = self._plan(picker, now)
         for waiter in queue:
-            account = self._pick(picker, waiter.allowed, waiter.model)
+            account = self._pick(picker, waiter.allowed, waiter.model, plan, waiter.deadline)
             if account is not None:
                 grants.append((waiter, self._lease(account, now)))
                 if not picker:
@@ -328,8 +372,11 @@ class MemoryStore:
     def expect_freed(self, expected: Mapping[str, int]) -> bool:
         return self._ledger.expect_freed(expected)
 
-    def prefer_faster(self, medians: Mapping[str, float]) -> None:
+    def prefer_faster(
+        self, snapshot: Snapshot, medians: Mapping[str, float], ends: Mapping[str, list[float]]
+    ) -> None:
         self._medians = dict(medians)
+        self._ends, self._ends_of = ends, snapshot
 
     async def flush(self) -> None:
         return None

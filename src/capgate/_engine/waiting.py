@@ -249,7 +249,8 @@ class Engine:
         self._refuse_early(allowed, now, model)
         if not self._waiting and model is None:  # a model's waiter takes the queue's pass
             # nobody queued ahead: a fresh snapshot with room grants at once (the hot path)
-            lease = store.grant_nowait(allowed, now)
+            deadline = math.inf if timeout is None else now + timeout
+            lease = store.grant_nowait(allowed, now, deadline)
             if lease is not None:
                 # like trio's CapacityLimiter, a grant yields to the scheduler once, so a
                 # loop of grants cannot starve other tasks; a task cancelled meanwhile gives
@@ -266,6 +267,8 @@ class Engine:
                 return lease, 0.0
         waiter = Waiter("", 0, priority, allowed, now)  # a store that needs an id names it
         waiter.model = model
+        if timeout is not None:
+            waiter.deadline = now + timeout
         self._enqueue(waiter)
         try:
             if timeout == 0:
@@ -392,8 +395,9 @@ class Engine:
 
     def _observe(self, snapshot: Snapshot) -> None:
         """Learn from ``snapshot`` (once), and tell the store which accounts are faster."""
-        if self.forecast.observe(snapshot) and self.forecast.ready:
-            self.store.prefer_faster(self.forecast.medians())
+        forecast = self.forecast
+        if forecast.observe(snapshot) and forecast.ready:
+            self.store.prefer_faster(snapshot, forecast.medians(), forecast.expected_ends())
 
     def _room(self, snapshot: Snapshot, now: float) -> bool:
         """Whether ``snapshot`` leaves a slot free after the reservations it doesn't show."""
@@ -712,6 +716,7 @@ class Engine:
             return
         spacing = poll_spacing(config.poll_interval, config.jitter, self.rng.random())
         await store.apply(ticket, snapshot, spacing)
+        self._observe(snapshot)  # before a pass plans with it
         inflight.snapshot = snapshot
         self._known.update(row.account for row in snapshot.accounts)
         self._known.update(job.account for job in snapshot.executing if job.account)

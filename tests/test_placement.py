@@ -1,0 +1,169 @@
+"""Placement by expected earliest finish: when a slow account's free slot is left idle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from capgate import AccountCapacity, ExecutingJob, Snapshot
+from capgate._engine.placement import MAX_HELD, FinishFirst
+
+FAST, SLOW = {"fast": 10.0}, {"slow": 100.0}
+MEDIANS = {**FAST, **SLOW}
+
+
+def test_a_plan_applies_only_when_an_account_is_markedly_faster():
+    """Medians of 10 and 100 s: a plan; 10 and 12 s: none; a free account with no median:
+    none (nothing to compare it with)."""
+    assert FinishFirst.applies({"slow": 1}, MEDIANS)
+    assert not FinishFirst.applies({"slow": 1}, {"fast": 10.0, "slow": 12.0})
+    assert not FinishFirst.applies({"other": 1}, MEDIANS)
+
+
+def test_a_lone_waiter_waits_for_a_faster_slot_that_frees_soon():
+    """The slow slot is free; the fast one frees in 5 s: 5 + 10 beats 100, so it waits."""
+    plan = FinishFirst(0.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
+    assert plan.usable(None, math.inf) == frozenset()
+
+
+def test_the_slow_slot_goes_to_the_first_waiter_that_finishes_sooner_there():
+    """One fast slot frees at 5 s and takes 10 s a job: the waiters planned onto it finish
+    at 15, 25, ..., 95, 105 s, so the tenth is the first to finish sooner (100 s) on the
+    slow slot that is free now."""
+    plan = FinishFirst(0.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
+    answers = [plan.usable(None, math.inf) for _ in range(10)]
+    assert answers[:9] == [frozenset()] * 9
+    assert answers[9] == frozenset({"slow"})
+
+
+def test_a_waiter_is_never_held_past_its_deadline():
+    """The fast slot frees at 5 s; a waiter that gives up at 3 s takes the slow one now."""
+    plan = FinishFirst(0.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
+    assert plan.usable(None, 3.0) == frozenset({"slow"})
+
+
+def test_a_waiter_only_allowed_the_slow_account_is_not_held():
+    """accounts=["slow"]: the fast slot is none of its business."""
+    plan = FinishFirst(0.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
+    assert plan.usable(frozenset({"slow"}), math.inf) == frozenset({"slow"})
+
+
+def test_a_slot_expected_to_have_freed_already_is_not_free():
+    """A fast job overdue by the forecast is expected to end any moment, not granted on."""
+    plan = FinishFirst(10.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
+    assert plan.usable(None, math.inf) == frozenset()
+
+
+def test_a_granted_slot_is_busy_for_the_waiters_behind():
+    """Two free fast slots, no slow one: each is granted once; the third waiter waits."""
+    plan = FinishFirst(0.0, {"fast": 2}, MEDIANS, {"slow": [50.0]})
+    for _ in range(2):
+        assert plan.usable(None, math.inf) == frozenset({"fast"})
+        plan.took("fast")
+    assert plan.usable(None, math.inf) == frozenset()
+
+
+def test_after_max_held_waiters_the_rest_are_granted_as_without_a_plan():
+    """A queue too long to plan gets the strategy's picks (None: no restriction)."""
+    plan = FinishFirst(0.0, {"slow": 1}, {"fast": 1.0, "slow": 1e9}, {"fast": [1.0] * 4})
+    for _ in range(MAX_HELD):
+        assert plan.usable(None, math.inf) == frozenset()
+    assert plan.usable(None, math.inf) is None
+
+
+# --- in the in-memory store ---------------------------------------------------------------
+
+
+async def _store_with(rows: tuple[AccountCapacity, ...], executing: tuple[ExecutingJob, ...]):
+    from capgate._config import check_config
+    from capgate._engine.local import MemoryStore
+
+    config = check_config(
+        "t",
+        service="kling",
+        url=None,
+        poll_interval=5.0,
+        accounts=None,
+        max_jobs=None,
+        strategy="most_available",
+        quarantine_for=60.0,
+        poll_timeout=30.0,
+        max_backoff=None,
+        jitter=0.0,
+    )
+    store = MemoryStore(config)
+    ticket = await store.begin_poll(force=True)
+    assert not isinstance(ticket, float)
+    await store.apply(ticket, Snapshot("kling", rows, executing, ticket.sent, ticket.sent), 5.0)
+    return store, ticket.sent
+
+
+@pytest.mark.anyio
+async def test_the_store_holds_the_slow_slot_for_a_newcomer_but_not_for_timeout_zero():
+    """fast (1 slot) is busy with a job expected to end in 5 s, slow is free: a newcomer
+    with time to wait is left for the fast slot; one that cannot wait gets the slow one."""
+    rows = (AccountCapacity("fast", 1, 1, 0), AccountCapacity("slow", 1, 0, 1))
+    job = ExecutingJob("j1", "fast", None, "00:05", 5.0)
+    store, now = await _store_with(rows, (job,))
+    store.prefer_faster(store.snapshot(), MEDIANS, {"fast": [now + 5.0]})
+    assert store.grant_nowait(None, now) is None
+    lease = store.grant_nowait(None, now, deadline=now)
+    assert lease is not None
+    assert lease.account == "slow"
+
+
+@pytest.mark.anyio
+async def test_the_store_plans_only_with_ends_of_its_own_snapshot():
+    """Ends learnt from an older snapshot say nothing of this one: no plan, granted."""
+    rows = (AccountCapacity("fast", 1, 1, 0), AccountCapacity("slow", 1, 0, 1))
+    store, now = await _store_with(rows, ())
+    older = Snapshot("kling", rows, (), now - 5, now - 5)
+    store.prefer_faster(older, MEDIANS, {"fast": [now + 5.0]})
+    lease = store.grant_nowait(None, now)
+    assert lease is not None
+    assert lease.account == "slow"
+
+
+# --- in a gate ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def learnt_medians(monkeypatch):
+    """The forecast knows f@x.io's jobs take 10 s and s@x.io's 100 s, and expects each
+    listed job to end at ``ends[account]`` (set by the test)."""
+    from capgate._engine.forecast import Forecast
+
+    ends: dict[str, list[float]] = {}
+    monkeypatch.setattr(Forecast, "ready", property(lambda self: True))
+    monkeypatch.setattr(Forecast, "medians", lambda self: {"f@x.io": 10.0, "s@x.io": 100.0})
+    monkeypatch.setattr(Forecast, "expected_ends", lambda self: ends)
+    return ends
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+async def test_a_held_waiter_gets_the_faster_slot_when_it_frees(make_gate, learnt_medians):
+    """f's only slot runs a job ending at t = 2 s, s's is free: the waiter is granted f's
+    slot at the first poll that shows it free, not s's at once."""
+    import anyio
+
+    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=0.5)
+    fake.add_outside_job("f@x.io", duration=2.0)
+    learnt_medians["f@x.io"] = [2.0]
+    await gate.refresh()
+    async with gate.slot() as slot:
+        assert slot.account == "f@x.io"
+        assert 2.0 <= anyio.current_time() <= 2.5 + 0.5
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+async def test_a_waiter_with_no_time_to_wait_takes_the_slow_slot(make_gate, learnt_medians):
+    """The same, with timeout=0 (try once): granted s's slot at once."""
+    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=0.5)
+    fake.add_outside_job("f@x.io", duration=2.0)
+    learnt_medians["f@x.io"] = [2.0]
+    await gate.refresh()
+    async with gate.slot(timeout=0) as slot:
+        assert slot.account == "s@x.io"
