@@ -101,6 +101,31 @@ def test_a_job_that_drops_off_teaches_its_duration_per_account():
     assert 50 <= durations.median() <= 56
 
 
+def _taught(ends: dict[str, list[float]]) -> Forecast:
+    forecast = Forecast()
+    for account, durations in ends.items():
+        for d in durations:
+            forecast._learn(account, d, d)
+    return forecast
+
+
+def test_accounts_alike_but_for_chance_get_alike_medians():
+    """Five jobs each from one spread of 30-120 s: raw medians of 50 and 100 s, which would
+    make one account "twice as fast"; the samples do not show a difference beyond chance."""
+    forecast = _taught({"a": [30, 40, 50, 100, 110], "b": [40, 90, 100, 110, 120]})
+    typical = forecast.typical()
+    assert typical["a"] / typical["b"] > 0.9
+
+
+def test_accounts_running_models_apart_keep_their_difference():
+    """Jobs of about 45 s on one account and about 180 s on the other: told apart, by
+    their ratio, and each weighed above its middle (a long job is what sets the end)."""
+    forecast = _taught({"a": [40, 44, 45, 47, 52], "b": [150, 170, 180, 190, 220]})
+    typical = forecast.typical()
+    assert typical["a"] / typical["b"] == pytest.approx(45 / 180, rel=0.1)
+    assert 45 < typical["a"] < 60
+
+
 def test_a_snapshot_with_skipped_rows_teaches_no_end():
     """A job missing from an answer that left rows out may still run."""
     forecast = Forecast()

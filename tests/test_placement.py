@@ -136,7 +136,7 @@ def learnt_medians(monkeypatch):
 
     ends: dict[str, list[float]] = {}
     monkeypatch.setattr(Forecast, "ready", property(lambda self: True))
-    monkeypatch.setattr(Forecast, "medians", lambda self: {"f@x.io": 10.0, "s@x.io": 100.0})
+    monkeypatch.setattr(Forecast, "typical", lambda self: {"f@x.io": 10.0, "s@x.io": 100.0})
     monkeypatch.setattr(Forecast, "expected_ends", lambda self: ends)
     return ends
 

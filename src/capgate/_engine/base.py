@@ -294,9 +294,9 @@ class Store(Protocol):
         only slower)."""
 
     def prefer_faster(
-        self, snapshot: Snapshot, medians: Mapping[str, float], ends: Mapping[str, list[float]]
+        self, snapshot: Snapshot, typical: Mapping[str, float], ends: Mapping[str, list[float]]
     ) -> None:
-        """What the forecast learnt as of ``snapshot``: the median job duration per account,
+        """What the forecast learnt as of ``snapshot``: the typical job duration per account,
         and when each account's listed jobs are expected to end. With ``most_available``, a
         grant goes to an account with room whose jobs end markedly sooner than the pick's
         (:data:`~capgate._engine.forecast.FASTER`), and a waiter may be left for a slot

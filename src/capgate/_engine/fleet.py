@@ -889,7 +889,7 @@ class FleetStore:
         return False
 
     def prefer_faster(
-        self, snapshot: Snapshot, medians: Mapping[str, float], ends: Mapping[str, list[float]]
+        self, snapshot: Snapshot, typical: Mapping[str, float], ends: Mapping[str, list[float]]
     ) -> None:
         # the dispatch pass runs in Redis with the fleet's strategy as configured
         return None

@@ -32,7 +32,7 @@ Counts that lag (:meth:`Forecast.probably_freed`): a job listed by a snapshot th
 the account ``lag`` seconds late may have ended since; the listed jobs that have, with
 :data:`PROBE_CONFIDENCE`, are granted as probes (see the ledger's ``expect_freed``).
 
-Placement (:meth:`Forecast.medians`, :meth:`Forecast.expected_ends`): with
+Placement (:meth:`Forecast.typical`, :meth:`Forecast.expected_ends`): with
 ``most_available``, the in-memory store sends a grant to an account with room whose jobs end
 markedly sooner (:data:`FASTER`), and plans each pass by expected earliest finish
 (``placement.py``).
@@ -69,6 +69,9 @@ DEFER_SAMPLES = 20
 #: with most_available, a grant goes to an account with room whose median duration is
 #: under this share of the pick's (jobs there end markedly sooner)
 FASTER = 2 / 3
+#: placement weighs a job at this many (log-space) standard deviations above its account's
+#: typical duration: about its 90th percentile, as the job that sets a batch's end is a long one
+RISK = 1.28
 #: jobs followed at most (the oldest are forgotten first)
 MAX_FOLLOWED = 100_000
 #: with counts that lag, a listed job is taken as ended (a probe) once it is this likely
@@ -180,9 +183,13 @@ class Durations:
             x0, f0 = x1, f1
         return area / alive
 
+    def ends(self) -> list[float]:
+        """The durations of the jobs seen to end (each at its interval's middle)."""
+        return [(lo + hi) / 2 for lo, hi in self._samples]
+
     def median(self) -> float:
         """The median duration of the jobs seen to end (each at its interval's middle)."""
-        return statistics.median((lo + hi) / 2 for lo, hi in self._samples)
+        return statistics.median(self.ends())
 
 
 @dataclass(frozen=True)
@@ -284,9 +291,44 @@ class Forecast:
                 durations = self._by_account[account] = Durations(SAMPLES_KEPT)
             durations.add(lo, hi)
 
-    def medians(self) -> dict[str, float]:
-        """The median duration per account with enough durations of its own."""
-        return {a: d.median() for a, d in self._by_account.items() if len(d) >= MIN_SAMPLES}
+    def typical(self) -> dict[str, float]:
+        """Per account with enough durations of its own, how long a job started there is
+        taken to run when placing it: the 90th percentile of its durations (:data:`RISK`,
+        the spread pooled over accounts), the accounts told apart only as far as their
+        samples show they differ beyond chance.
+
+        Each account's mean log duration is shrunk toward the mean over accounts by how
+        much of its spread its own sampling error explains (an empirical Bayes estimate):
+        fifty accounts running the same model, a handful of samples each, come out alike
+        rather than some "twice as fast" by luck; accounts that run models four times apart
+        keep their difference. A high percentile rather than the median, because at the
+        end of a batch the job that sets the makespan is a long one, and a long job costs
+        the most on the slowest account.
+        """
+        logs = {
+            a: [math.log(max(x, 1e-3)) for x in d.ends()]
+            for a, d in self._by_account.items()
+            if len(d) >= MIN_SAMPLES
+        }
+        if len(logs) < 2:
+            return {
+                a: math.exp(statistics.fmean(xs) + RISK * _spread(xs)) for a, xs in logs.items()
+            }
+        means = {a: statistics.fmean(xs) for a, xs in logs.items()}
+        # within-account variance, pooled; between-account variance beyond sampling error
+        within = sum((x - means[a]) ** 2 for a, xs in logs.items() for x in xs) / max(
+            1, sum(len(xs) for xs in logs.values()) - len(logs)
+        )
+        centre = statistics.fmean(means.values())
+        spread = statistics.pvariance(means.values(), centre)
+        noise = statistics.fmean(within / len(xs) for xs in logs.values())
+        between = max(0.0, spread - noise)
+        out = {}
+        for a, xs in logs.items():
+            error = within / len(xs)
+            keep = between / (between + error) if between + error > 0 else 0.0
+            out[a] = math.exp(centre + keep * (means[a] - centre) + RISK * math.sqrt(within))
+        return out
 
     @property
     def ready(self) -> bool:
@@ -500,6 +542,11 @@ class Forecast:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if none_ended(mid) > 0.5 else (lo, mid)
         return Outlook(median, max(0.0, origin + hi - now))
+
+
+def _spread(logs: list[float]) -> float:
+    """The standard deviation of one account's log durations (0 for fewer than two)."""
+    return statistics.stdev(logs) if len(logs) > 1 else 0.0
 
 
 def _surely_at_least(chances: list[float], confidence: float) -> int:

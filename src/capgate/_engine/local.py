@@ -46,7 +46,7 @@ class MemoryStore:
         self._auth_failure: tuple[AuthenticationError, float] | None = None
         self._polls = 0
         self._polls_failed = 0
-        self._medians: dict[str, float] = {}  # learnt median duration per account
+        self._typical: dict[str, float] = {}  # learnt typical duration per account
         # when the listed jobs are expected to end, per account, and the snapshot they are of
         self._ends: Mapping[str, list[float]] = {}
         self._ends_of: Snapshot | None = None
@@ -114,7 +114,7 @@ class MemoryStore:
         if (
             config.strategy == "most_available"
             and config.accounts is None
-            and not self._medians
+            and not self._typical
             and len(free) <= SCAN_LIMIT
         ):
             return Scan(free) if free else None  # the common case, on the hot path
@@ -136,18 +136,18 @@ class MemoryStore:
     def _plan(self, picker: Picker | Scan, now: float) -> FinishFirst | None:
         """This pass's plan by expected earliest finish, when the learnt durations call for
         one (see placement.py); ``None``: grant every free slot, as the strategy picks."""
-        medians = self._medians
+        typical = self._typical
         if (
-            not medians
+            not typical
             or self._config.strategy != "most_available"
             or self._ends_of is not self._ledger.snapshot
-            or not FinishFirst.applies(picker.free, medians)
+            or not FinishFirst.applies(picker.free, typical)
         ):
             return None
         out = self.quarantined(now)
         allow = self._allow
         usable = {
-            a: m for a, m in medians.items() if a not in out and (allow is None or a in allow)
+            a: m for a, m in typical.items() if a not in out and (allow is None or a in allow)
         }
         busy = {a: list(self._ends.get(a, ())) for a in usable}
         for account, n in self._ledger.pending_counts().items():
@@ -186,7 +186,7 @@ class MemoryStore:
                 error=f"{type(exc).__name__}: {exc}",
             )
             account = Picker("most_available", dict(picker.free), ()).pick(allowed)
-        if account is not None and self._medians and self._config.strategy == "most_available":
+        if account is not None and self._typical and self._config.strategy == "most_available":
             account = self._faster(picker, allowed, account)
         if account is not None:
             picker.take(account)
@@ -197,13 +197,13 @@ class MemoryStore:
 
     def _faster(self, picker: Picker | Scan, allowed: frozenset[str] | None, account: str) -> str:
         """``account``, or an account with room whose jobs end markedly sooner (learnt)."""
-        medians = self._medians
-        own = medians.get(account)
+        typical = self._typical
+        own = typical.get(account)
         if own is None:
             return account
         best, best_median = account, own * FASTER
         for other in picker.free:
-            median = medians.get(other)
+            median = typical.get(other)
             usable = allowed is None or other in allowed
             if median is not None and median < best_median and usable:
                 best, best_median = other, median
@@ -373,9 +373,9 @@ class MemoryStore:
         return self._ledger.expect_freed(expected)
 
     def prefer_faster(
-        self, snapshot: Snapshot, medians: Mapping[str, float], ends: Mapping[str, list[float]]
+        self, snapshot: Snapshot, typical: Mapping[str, float], ends: Mapping[str, list[float]]
     ) -> None:
-        self._medians = dict(medians)
+        self._typical = dict(typical)
         self._ends, self._ends_of = ends, snapshot
 
     async def flush(self) -> None:

@@ -6,22 +6,23 @@ may end long after the same job given a faster account's slot that frees a momen
 the end of a batch this decides the makespan; the oracle of ``capgate.simulation`` knows each
 job's duration and waits for the faster slot whenever that ends sooner.
 
-The gate does not know a job's duration, only each account's median (the same job is slower
-on a slower account, by the ratio of their medians). A dispatch pass therefore plans the
+The gate does not know a job's duration, only each account's typical one
+(:meth:`Forecast.typical`: about the 90th percentile, the accounts told apart only beyond
+chance; the same job is slower on a slower account). A dispatch pass therefore plans the
 waiters in service order by *expected earliest finish* (list scheduling): each waiter goes
-to the slot where ``slot free + median`` is least, the slots free now at ``now`` and the busy
-ones when their listed jobs are expected to end (:meth:`Forecast.expected_ends`; a reservation
-not listed yet counts as a job just started). A waiter planned onto a slot free now is
-granted (on an account the store's strategy picks among those no worse than waiting); one
-planned onto a slot that frees later is left waiting, and the next waiter is planned with
-that slot taken. A slow account's free slot is thus used as soon as the queue is long enough
-that its last waiters would finish sooner there, and left idle when it is not.
+to the slot where ``slot free + typical`` is least, the slots free now at ``now`` and the
+busy ones when their listed jobs are expected to end (:meth:`Forecast.expected_ends`; a
+reservation not listed yet counts as a job just started). A waiter planned onto a slot
+free now is granted (on an account the store's strategy picks among those no worse than
+waiting); one planned onto a slot that frees later is left waiting, and the next waiter is
+planned with that slot taken. A slow account's free slot is thus used as soon as the queue
+is long enough that its last waiters would finish sooner there, and left idle when not.
 
 Bounds on what is held back: a waiter is never held past its own deadline (``timeout=``,
 ``timeout=0`` is never held); a slot whose job is older than any seen to end is not expected
-to free at all; the plan runs only with medians for every account that has room and at most
-:data:`PLAN_ACCOUNTS` accounts; after :data:`MAX_HELD` waiters held in one pass the rest are
-granted as without a plan (a queue that deep uses every slot).
+to free at all; the plan runs only with a typical duration for every account that has
+room and at most :data:`PLAN_ACCOUNTS` accounts; after :data:`MAX_HELD` waiters held in
+one pass the rest are granted as without a plan (a queue that deep uses every slot).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Mapping
 
 __all__ = ["MAX_HELD", "PLAN_ACCOUNTS", "FinishFirst"]
 
-#: with medians that differ less than this ratio, every free slot is granted as before
+#: with typical durations that differ less than this ratio, every free slot is granted as before
 MARKED = 2 / 3
 #: the plan runs over at most this many accounts (its cost per waiter is linear in them)
 PLAN_ACCOUNTS = 64
@@ -46,26 +47,26 @@ class FinishFirst:
     Args:
         now: The pass's instant.
         free: Slots free now, per account.
-        medians: The learnt typical duration per account (the accounts planned over).
+        typical: The learnt typical duration per account (the accounts planned over).
         busy: Per account, when its busy slots are expected to free (absolute instants,
             any order; one already past counts as freeing now); a slot not expected to
             free is left out.
     """
 
-    __slots__ = ("_busy", "_free", "_medians", "_now", "held")
+    __slots__ = ("_busy", "_free", "_now", "_typical", "held")
 
     def __init__(
         self,
         now: float,
         free: Mapping[str, int],
-        medians: Mapping[str, float],
+        typical: Mapping[str, float],
         busy: Mapping[str, list[float]],
     ) -> None:
         self._now = now
-        self._medians = medians
-        self._free = {a: n for a, n in free.items() if n > 0 and a in medians}
+        self._typical = typical
+        self._free = {a: n for a, n in free.items() if n > 0 and a in typical}
         self._busy: dict[str, list[float]] = {}
-        for account in medians:
+        for account in typical:
             slots = [max(now, t) for t in busy.get(account, ())]
             if slots:
                 heapq.heapify(slots)
@@ -73,14 +74,14 @@ class FinishFirst:
         self.held = 0
 
     @staticmethod
-    def applies(free: Mapping[str, int], medians: Mapping[str, float]) -> bool:
-        """Whether a plan can change anything: every account with room has a median, and
-        some account's jobs end markedly sooner than another's."""
-        if not free or len(medians) < 2 or len(medians) > PLAN_ACCOUNTS:
+    def applies(free: Mapping[str, int], typical: Mapping[str, float]) -> bool:
+        """Whether a plan can change anything: every account with room has a typical
+        duration, and some account's jobs end markedly sooner than another's."""
+        if not free or len(typical) < 2 or len(typical) > PLAN_ACCOUNTS:
             return False
-        if any(account not in medians for account in free):
+        if any(account not in typical for account in free):
             return False
-        values = medians.values()
+        values = typical.values()
         return min(values) < MARKED * max(values)
 
     def usable(self, allowed: frozenset[str] | None, deadline: float) -> frozenset[str] | None:
@@ -90,17 +91,17 @@ class FinishFirst:
         without a plan. Call :meth:`took` with the account it is granted."""
         if self.held >= MAX_HELD:
             return None
-        now, medians = self._now, self._medians
+        now, typical = self._now, self._typical
         later, best = math.inf, None
         for account, slots in self._busy.items():
             if slots[0] <= deadline and (allowed is None or account in allowed):
-                finish = slots[0] + medians[account]
+                finish = slots[0] + typical[account]
                 if finish < later:
                     later, best = finish, account
         usable = frozenset(
             account
             for account in self._free
-            if now + medians[account] <= later and (allowed is None or account in allowed)
+            if now + typical[account] <= later and (allowed is None or account in allowed)
         )
         if not usable and best is not None:
             # it waits for that slot, which is then not free for those behind it
@@ -117,4 +118,4 @@ class FinishFirst:
             self._free[account] = left
         else:
             del self._free[account]
-        heapq.heappush(self._busy.setdefault(account, []), self._now + self._medians[account])
+        heapq.heappush(self._busy.setdefault(account, []), self._now + self._typical[account])

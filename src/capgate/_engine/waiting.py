@@ -397,7 +397,7 @@ class Engine:
         """Learn from ``snapshot`` (once), and tell the store which accounts are faster."""
         forecast = self.forecast
         if forecast.observe(snapshot) and forecast.ready:
-            self.store.prefer_faster(snapshot, forecast.medians(), forecast.expected_ends())
+            self.store.prefer_faster(snapshot, forecast.typical(), forecast.expected_ends())
 
     def _room(self, snapshot: Snapshot, now: float) -> bool:
         """Whether ``snapshot`` leaves a slot free after the reservations it doesn't show."""
