@@ -38,9 +38,12 @@ def test_the_slow_slot_goes_to_the_first_waiter_that_finishes_sooner_there():
 
 
 def test_a_waiter_is_never_held_past_its_deadline():
-    """The fast slot frees at 5 s; a waiter that gives up at 3 s takes the slow one now."""
+    """The fast slot frees at 5 s; a waiter that gives up at 3 s takes the slow one now,
+    and so does one that cannot wait at all while the fast job is overdue."""
     plan = FinishFirst(0.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
     assert plan.usable(None, 3.0) == frozenset({"slow"})
+    overdue = FinishFirst(10.0, {"slow": 1}, MEDIANS, {"fast": [5.0]})
+    assert overdue.usable(None, 10.0) == frozenset({"slow"})
 
 
 def test_a_waiter_only_allowed_the_slow_account_is_not_held():
@@ -56,12 +59,23 @@ def test_a_slot_expected_to_have_freed_already_is_not_free():
 
 
 def test_a_granted_slot_is_busy_for_the_waiters_behind():
-    """Two free fast slots, no slow one: each is granted once; the third waiter waits."""
-    plan = FinishFirst(0.0, {"fast": 2}, MEDIANS, {"slow": [50.0]})
-    for _ in range(2):
-        assert plan.usable(None, math.inf) == frozenset({"fast"})
-        plan.took("fast")
+    """Both accounts free, nothing busy: the first waiter may take either; once it took the
+    fast slot, the second is planned behind it (10 + 10 s beats 100 s) and waits."""
+    plan = FinishFirst(0.0, {"fast": 1, "slow": 1}, MEDIANS, {})
+    assert plan.usable(None, math.inf) == frozenset({"fast", "slow"})
+    plan.took("fast")
     assert plan.usable(None, math.inf) == frozenset()
+
+
+def test_a_waiter_is_held_only_for_a_slot_freeing_a_margin_before_its_deadline():
+    """Margin 2 s: the fast slot frees at 5 s; a waiter giving up at 7 s or earlier is not
+    held, one giving up at 8 s is."""
+
+    def plan():
+        return FinishFirst(0.0, {"slow": 1}, MEDIANS, {"fast": [5.0]}, margin=2.0)
+
+    assert plan().usable(None, 7.0) == frozenset({"slow"})
+    assert plan().usable(None, 8.0) == frozenset()
 
 
 def test_after_max_held_waiters_the_rest_are_granted_as_without_a_plan():
@@ -111,6 +125,37 @@ async def test_the_store_holds_the_slow_slot_for_a_newcomer_but_not_for_timeout_
     lease = store.grant_nowait(None, now, deadline=now)
     assert lease is not None
     assert lease.account == "slow"
+
+
+@pytest.mark.anyio
+async def test_a_long_held_reservation_is_not_expected_to_free():
+    """fast's only slot was granted 50 s ago and its job not listed yet: older than fast's
+    typical 10 s, it says nothing of when the slot frees; slow's free slot is granted."""
+    rows = (AccountCapacity("fast", 1, 0, 1), AccountCapacity("slow", 1, 0, 1))
+    store, now = await _store_with(rows, ())
+    store.prefer_faster(store.snapshot(), MEDIANS, {})
+    held = store.grant_nowait(frozenset({"fast"}), now - 50)
+    assert held is not None
+    lease = store.grant_nowait(None, now)
+    assert lease is not None
+    assert lease.account == "slow"
+
+
+@pytest.mark.anyio
+async def test_a_slow_account_out_of_rotation_does_not_turn_planning_on():
+    """a (10 s) and b (14 s) are alike; c (100 s) is quarantined: no plan, b is granted
+    though a frees in a second."""
+    rows = (
+        AccountCapacity("a", 1, 1, 0),
+        AccountCapacity("b", 1, 0, 1),
+        AccountCapacity("c", 1, 0, 1),
+    )
+    store, now = await _store_with(rows, ())
+    store.quarantine("c", 60.0, "test")
+    store.prefer_faster(store.snapshot(), {"a": 10.0, "b": 14.0, "c": 100.0}, {"a": [now + 1]})
+    lease = store.grant_nowait(None, now)
+    assert lease is not None
+    assert lease.account == "b"
 
 
 @pytest.mark.anyio
@@ -167,3 +212,45 @@ async def test_a_waiter_with_no_time_to_wait_takes_the_slow_slot(make_gate, lear
     await gate.refresh()
     async with gate.slot(timeout=0) as slot:
         assert slot.account == "s@x.io"
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+async def test_a_waiter_held_for_an_overrunning_job_takes_the_slow_slot_before_its_timeout(
+    make_gate, learnt_medians
+):
+    """f's job is expected to end at t = 2 s but runs 30 s; a waiter with timeout=5 is not
+    left to time out while s's slot is free: it gets s's slot in time."""
+    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=0.5)
+    fake.add_outside_job("f@x.io", duration=30.0)
+    learnt_medians["f@x.io"] = [2.0]
+    await gate.refresh()
+    async with gate.slot(timeout=5) as slot:
+        assert slot.account == "s@x.io"
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+async def test_a_newcomer_behind_a_held_waiter_gets_a_pass_at_once(make_gate, learnt_medians):
+    """W1 (no timeout) is held for f's slot, which frees at t = 2 s; W2 arrives at 0.1 s
+    and cannot wait that long (timeout=1): it gets s's free slot at once, not at the next
+    poll (5 s on)."""
+    import anyio
+
+    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=5)
+    fake.add_outside_job("f@x.io", duration=2.0)
+    learnt_medians["f@x.io"] = [2.0]
+    await gate.refresh()
+    got: dict[str, tuple[str, float]] = {}
+
+    async def first() -> None:
+        async with gate.slot() as slot:
+            got["w1"] = (slot.account, anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await anyio.sleep(0.1)
+        async with gate.slot(timeout=1) as slot:
+            got["w2"] = (slot.account, anyio.current_time())
+    assert got["w2"] == ("s@x.io", pytest.approx(0.1))
+    assert got["w1"][0] == "f@x.io"

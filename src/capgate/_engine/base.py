@@ -215,6 +215,10 @@ class Store(Protocol):
 
     # --- granting -----------------------------------------------------------------------
 
+    #: the last grant or pass left a free slot for a faster account's (placement): a
+    #: newcomer then needs a pass of its own
+    holding: bool
+
     def grant_nowait(
         self, allowed: frozenset[str] | None, now: float, deadline: float = math.inf
     ) -> Lease | None:

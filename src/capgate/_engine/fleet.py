@@ -566,6 +566,8 @@ class FleetStore:
 
     # --- granting ---------------------------------------------------------------------------
 
+    holding = False  # every free slot is granted in Redis: none is left for a faster one
+
     def grant_nowait(
         self, allowed: frozenset[str] | None, now: float, deadline: float = math.inf
     ) -> Lease | None:

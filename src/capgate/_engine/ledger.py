@@ -313,6 +313,10 @@ class Ledger:
         """Reservations on ``account`` the snapshot does not reflect yet."""
         return self._pending.get(account, 0)
 
+    def pending_since(self) -> list[tuple[str, float]]:
+        """``(account, granted at)`` of every reservation the snapshot does not reflect yet."""
+        return [(r.account, r.granted_at) for r in self._reservations.values()]
+
     def pending_counts(self) -> dict[str, int]:
         """Reservations per account the snapshot does not reflect yet."""
         return dict(self._pending)

@@ -50,6 +50,7 @@ class MemoryStore:
         # when the listed jobs are expected to end, per account, and the snapshot they are of
         self._ends: Mapping[str, list[float]] = {}
         self._ends_of: Snapshot | None = None
+        self.holding = False  # the last pass left a free slot for a faster one
 
     # --- the view -----------------------------------------------------------------------
 
@@ -136,12 +137,12 @@ class MemoryStore:
     def _plan(self, picker: Picker | Scan, now: float) -> FinishFirst | None:
         """This pass's plan by expected earliest finish, when the learnt durations call for
         one (see placement.py); ``None``: grant every free slot, as the strategy picks."""
+        self.holding = False
         typical = self._typical
         if (
             not typical
             or self._config.strategy != "most_available"
             or self._ends_of is not self._ledger.snapshot
-            or not FinishFirst.applies(picker.free, typical)
         ):
             return None
         out = self.quarantined(now)
@@ -149,12 +150,15 @@ class MemoryStore:
         usable = {
             a: m for a, m in typical.items() if a not in out and (allow is None or a in allow)
         }
+        if not FinishFirst.applies(picker.free, usable):
+            return None
         busy = {a: list(self._ends.get(a, ())) for a in usable}
-        for account, n in self._ledger.pending_counts().items():
-            if account in usable:
-                # a reservation the counts do not show yet: a job just started
-                busy[account].extend([now + usable[account]] * n)
-        return FinishFirst(now, picker.free, usable, busy)
+        for account, granted_at in self._ledger.pending_since():
+            # a reservation the counts do not show yet: its job started about when it was
+            # granted; one older than its account's typical duration is not expected to free
+            if account in usable and granted_at + usable[account] > now:
+                busy[account].append(granted_at + usable[account])
+        return FinishFirst(now, picker.free, usable, busy, 2 * self._config.poll_interval)
 
     def _pick(
         self,
@@ -232,7 +236,10 @@ class MemoryStore:
         if allowed is None and isinstance(picker, Scan):
             # the hot path: one pick and no more (a Scan is never made empty)
             return self._lease(cast(str, picker.pick(None)), now)
-        account = self._pick(picker, allowed, None, self._plan(picker, now), deadline)
+        plan = self._plan(picker, now)
+        account = self._pick(picker, allowed, None, plan, deadline)
+        if plan is not None and plan.held:
+            self.holding = True
         return None if account is None else self._lease(account, now)
 
     def dispatch(self, queue: Iterable[Waiter], now: float) -> list[tuple[Waiter, Lease]]:
@@ -249,6 +256,9 @@ class MemoryStore:
                 grants.append((waiter, self._lease(account, now)))
                 if not picker:
                     break
+        # free slots left for faster ones: a newcomer must get a pass of its own (it may be
+        # planned onto one of them), not wait in line for the next poll
+        self.holding = plan is not None and plan.held > 0 and bool(picker)
         return grants
 
     async def exchange(self, queue: Callable[[], Iterable[Waiter]]) -> list[tuple[Waiter, Lease]]:

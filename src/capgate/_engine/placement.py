@@ -18,11 +18,15 @@ waiting); one planned onto a slot that frees later is left waiting, and the next
 planned with that slot taken. A slow account's free slot is thus used as soon as the queue
 is long enough that its last waiters would finish sooner there, and left idle when not.
 
-Bounds on what is held back: a waiter is never held past its own deadline (``timeout=``,
-``timeout=0`` is never held); a slot whose job is older than any seen to end is not expected
-to free at all; the plan runs only with a typical duration for every account that has
-room and at most :data:`PLAN_ACCOUNTS` accounts; after :data:`MAX_HELD` waiters held in
-one pass the rest are granted as without a plan (a queue that deep uses every slot).
+Bounds on what is held back: a waiter with a ``timeout=`` is held only for a slot expected
+to free at least ``margin`` (two poll intervals: time for a poll to show it and a pass to
+grant it) before its deadline, so ``timeout=0`` is never held and a slot that overruns its
+forecast leaves the waiter to take the free one before it gives up; a slot whose job is
+older than any seen to end is not expected to free at all, nor is a reservation older than
+its account's typical duration; the plan runs only with a typical duration for every
+account that has room and at most :data:`PLAN_ACCOUNTS` accounts; after :data:`MAX_HELD`
+waiters held in one pass the rest are granted as without a plan (a queue that deep uses
+every slot).
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ class FinishFirst:
         busy: Per account, when its busy slots are expected to free (absolute instants,
             any order; one already past counts as freeing now); a slot not expected to
             free is left out.
+        margin: A waiter with a deadline is held only for a slot expected to free at
+            least this long before it.
     """
 
-    __slots__ = ("_busy", "_free", "_now", "_typical", "held")
+    __slots__ = ("_busy", "_free", "_margin", "_now", "_typical", "held")
 
     def __init__(
         self,
@@ -61,8 +67,10 @@ class FinishFirst:
         free: Mapping[str, int],
         typical: Mapping[str, float],
         busy: Mapping[str, list[float]],
+        margin: float = 0.0,
     ) -> None:
         self._now = now
+        self._margin = margin
         self._typical = typical
         self._free = {a: n for a, n in free.items() if n > 0 and a in typical}
         self._busy: dict[str, list[float]] = {}
@@ -92,9 +100,10 @@ class FinishFirst:
         if self.held >= MAX_HELD:
             return None
         now, typical = self._now, self._typical
+        latest = deadline - self._margin  # inf - margin is inf: no deadline, no bound
         later, best = math.inf, None
         for account, slots in self._busy.items():
-            if slots[0] <= deadline and (allowed is None or account in allowed):
+            if slots[0] < latest and (allowed is None or account in allowed):
                 finish = slots[0] + typical[account]
                 if finish < later:
                     later, best = finish, account

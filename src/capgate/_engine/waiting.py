@@ -278,7 +278,7 @@ class Engine:
                 # no scope at all without a timeout: it is a waiter's largest piece of memory
                 scope = _NO_SCOPE if timeout is None else anyio.move_on_after(timeout)
                 with scope:
-                    if not (self.store.in_process and self._restricted == 0):
+                    if not (store.in_process and self._restricted == 0) or store.holding:
                         await self._exchange()
                     while waiter.lease is None and waiter.error is None:
                         await self._wait_turn(waiter)
