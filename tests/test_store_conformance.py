@@ -417,6 +417,70 @@ def _directed_models(portal: Any, factories: dict[str, StoreFactory]) -> None:
         machine.teardown()
 
 
+def _directed_busy(portal: Any, factories: dict[str, StoreFactory]) -> None:
+    """A 429's busy mark outlasts one answer that shows the account as before (counts that
+    lag: no news against the 429), and is lifted by the second (step by step)."""
+    machine = type(
+        "DirectedBusy",
+        (Conformance,),
+        {"portal": portal[0], "clock": portal[1], "factories": factories},
+    )()
+    try:
+        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+        one = {"max_jobs": 1, "executing": 0, "available": 1}
+        machine.send_poll()
+        machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+        machine.arrive(priority=0, allowed=None)  # granted the only slot
+        machine.give_back(pick=0, busy=True)  # its create met a 429
+        machine.arrive(priority=0, allowed=None)  # queued: the account is busy
+        machine.send_poll()
+        machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+        assert machine.granted["memory"] == {"w0": ACCOUNTS[0]}  # unchanged: still busy
+        machine.send_poll()
+        machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+        assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
+    finally:
+        machine.teardown()
+
+
+def _directed_busy_changed(portal: Any, factories: dict[str, StoreFactory]) -> None:
+    """An answer that shows the account otherwise than the one the 429 contradicted lifts
+    the busy mark at once."""
+    machine = type(
+        "DirectedBusyChanged",
+        (Conformance,),
+        {"portal": portal[0], "clock": portal[1], "factories": factories},
+    )()
+    try:
+        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+        machine.send_poll()
+        two = {"max_jobs": 2, "executing": 0, "available": 2}
+        machine.answer_poll(data=two, which=[ACCOUNTS[0]], listed=[], extra=[])
+        machine.arrive(priority=0, allowed=None)
+        machine.give_back(pick=0, busy=True)
+        machine.arrive(priority=0, allowed=None)
+        machine.send_poll()
+        one = {"max_jobs": 2, "executing": 1, "available": 1}
+        machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+        assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
+    finally:
+        machine.teardown()
+
+
+@pytest.mark.parametrize("directed", [_directed_busy, _directed_busy_changed])
+def test_memory_store_keeps_a_busy_mark_through_one_unchanged_answer(portal, directed) -> None:
+    """The in-memory store: a busy mark and the answers after it."""
+    directed(portal, {"memory": memory_store})
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
+@pytest.mark.parametrize("directed", [_directed_busy, _directed_busy_changed])
+def test_redis_store_keeps_a_busy_mark_through_one_unchanged_answer(portal, directed) -> None:
+    """The Redis store agrees step by step on a busy mark and the answers after it."""
+    directed(portal, {"memory": memory_store, "redis": redis_store(REDIS_URL)})
+
+
 def test_memory_store_quarantines_per_model(portal) -> None:
     """The in-memory store keeps an account out for one model only."""
     _directed_models(portal, {"memory": memory_store})

@@ -115,7 +115,9 @@ class Slot:
         """The account answered 429 after all: no job was created.
 
         The reservation is given back at once, and the gate grants nothing more on this
-        account until a snapshot requested after now arrives.
+        account until a snapshot requested after now shows it otherwise than the latest
+        does, or until the second such snapshot (an unchanged answer is no news against
+        the 429: counts that lag).
         """
         self._check_held("mark_busy()")
         self._state = "given back"

@@ -272,7 +272,8 @@ class Store(Protocol):
         """The holder never used the slot: it stops counting now."""
 
     def mark_busy(self, lease: Lease) -> bool:
-        """The account answered 429: give the slot back, no grants there until a newer poll."""
+        """The account answered 429: give the slot back, no grants there until a newer poll
+        shows the account otherwise, or the second newer one (the ledger's busy marks)."""
 
     def quarantine(
         self, account: str, seconds: float, reason: str, model: str | None = None

@@ -32,6 +32,13 @@ names the job that ended is used as it comes: its reservation
 stops counting at once, and while a snapshot still lists it (counts that lag, or a snapshot
 taken before it ended) its slot counts as free on the account the listing names.
 
+Busy marks. A 429 marks its account busy: no grants there until a snapshot whose request
+left after the 429 shows the account's room otherwise than the snapshot the 429
+contradicted, or until the second such snapshot. An unchanged answer is no news against the
+429: with counts that lag, before the lag is known, the answers right after the first grants
+still show every slot free, and lifting the mark at once cost ten 429s more on the
+lagging-counts benchmark.
+
 "After" is decided by a logical sequence number, not by the clock: every settle, busy mark
 and poll start takes the next tick, so two events at the same (virtual) instant still have an
 order and the rule stays exact.
@@ -123,6 +130,9 @@ class Ledger:
         self._expected: dict[str, int] = {}
         self._snapshot_tick = 0
         self._busy: dict[str, int] = {}  # account -> tick of the 429
+        # account -> the room the snapshot showed when the 429 contradicted it (until a
+        # snapshot showing the same room was let pass once)
+        self._busy_room: dict[str, int | None] = {}
         self._quarantine: dict[str, tuple[float | None, str]] = {}  # account -> (until, reason)
         # (account, model) -> (until, reason): out of rotation for that model only
         self._model_quarantine: dict[tuple[str, str], tuple[float | None, str]] = {}
@@ -190,6 +200,12 @@ class Ledger:
                 self._drop(res)
         for account, busy_tick in list(self._busy.items()):
             if busy_tick < sent_tick:
+                # an answer that shows the account as the one the 429 contradicted is no
+                # news against it (counts that lag, before the lag is known): the mark
+                # outlasts one such answer, and no more
+                shown = self._busy_room.pop(account, -1)
+                if shown != -1 and shown == self._limits.get(account):
+                    continue
                 del self._busy[account]
         self._count_ended(snapshot)
 
@@ -372,8 +388,8 @@ class Ledger:
         since the snapshot (replaces the previous expectation; a snapshot clears it).
         True if some account expects more than before.
 
-        A grant on such a slot is a probe: a 429 marks the account busy until the next
-        snapshot, so each account costs at most one 429 per snapshot.
+        A grant on such a slot is a probe: a 429 marks the account busy (:meth:`mark_busy`),
+        so each account costs at most one 429 per snapshot.
         """
         before = self._expected
         self._expected = {a: n for a, n in expected.items() if n > 0}
@@ -412,8 +428,10 @@ class Ledger:
     # --- busy marks -------------------------------------------------------------------
 
     def mark_busy(self, account: str) -> None:
-        """The account answered 429: no grants on it until a snapshot sent after now."""
+        """The account answered 429: no grants on it until a snapshot sent after now that
+        shows it otherwise than the latest does, or the second such snapshot."""
         self._busy[account] = self.tick()
+        self._busy_room[account] = self._limits.get(account)
 
     def is_busy(self, account: str) -> bool:
         return account in self._busy

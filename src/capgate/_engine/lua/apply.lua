@@ -86,7 +86,15 @@ if st > mget('sent_tick', 0) then
   end
   local busy = redis.call('HGETALL', P .. 'busy')
   for i = 1, #busy, 2 do
-    if tonumber(busy[i + 1]) < st then redis.call('HDEL', P .. 'busy', busy[i]) end
+    if tonumber(busy[i + 1]) < st then
+      -- an answer that shows the account as the one the 429 contradicted is no news
+      -- against it (counts that lag, before the lag is known): the mark outlasts one such
+      -- answer, and no more
+      local shown = redis.call('HGET', P .. 'busyroom', busy[i])
+      redis.call('HDEL', P .. 'busyroom', busy[i])
+      local now_shown = redis.call('HGET', P .. 'limit', busy[i]) or ''
+      if not (shown and shown == now_shown) then redis.call('HDEL', P .. 'busy', busy[i]) end
+    end
   end
   PUB_ALL = true
 else

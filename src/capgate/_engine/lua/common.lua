@@ -23,6 +23,8 @@
 --   lexp     zset    unsettled lease id -> expiry (server seconds)
 --   pending  hash    account -> leases that count against it
 --   busy     hash    account -> tick of its 429
+--   busyroom hash    account -> the room the snapshot showed at its 429, until an answer
+--                    showing the same room was let pass once
 --   quar     hash    account -> {u: until (server seconds), r: reason}
 --   mquar    hash    [account, model] (JSON) -> {u, r}: out of rotation for that model only
 --   queue    zset    score -priority, member "<16-digit arrival>:<waiter id>"
@@ -38,7 +40,8 @@ local P = KEYS[1]
 local M = P .. 'meta'
 local A = cjson.decode(ARGV[1])
 local KEYS_OF_FLEET = {'meta', 'limit', 'order', 'jobs', 'watch', 'lags', 'lease', 'lexp',
-  'pending', 'busy', 'quar', 'mquar', 'queue', 'wait', 'whb', 'granted', 'gone', 'lost', 'lock'}
+  'pending', 'busy', 'busyroom', 'quar', 'mquar', 'queue', 'wait', 'whb', 'granted', 'gone',
+  'lost', 'lock'}
 
 local function server_now()
   local t = redis.call('TIME')
