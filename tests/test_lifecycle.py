@@ -246,7 +246,8 @@ async def test_stolen_slot_is_retried_on_another_account(make_gate):
 
 
 async def test_busy_account_waits_for_a_snapshot_after_the_429(make_gate):
-    """After a 429 the account is granted again only from a poll requested after it."""
+    """After a 429 the account is granted again only from a poll requested after it; here
+    the fake still shows A as before (nothing changed there), so from the second."""
     gate, fake = make_gate({A: 2}, jitter=0)
     calls: list[str] = []
     polls_at_create: list[int] = []
@@ -258,7 +259,7 @@ async def test_busy_account_waits_for_a_snapshot_after_the_429(make_gate):
 
     await gate.submit(counting)
     assert calls == [A, A]
-    assert polls_at_create == [1, 2]  # A still showed a free slot, but the gate polled first
+    assert polls_at_create == [1, 3]  # A still showed a free slot, but the gate polled first
     assert fake.poll_times[1] - fake.poll_times[0] >= P  # as soon as poll_interval allows
 
 
@@ -271,7 +272,8 @@ async def test_busy_poll_comes_as_soon_as_interval_allows(make_gate):
 
 
 async def test_snapshot_sent_before_the_429_keeps_the_account_busy(make_gate):
-    """A snapshot whose request was sent before mark_busy() does not lift the busy mark."""
+    """A snapshot whose request was sent before mark_busy() does not lift the busy mark,
+    nor count as the unchanged answer it outlasts: that takes two polls after it."""
     gate, _ = make_gate({A: 2}, latency=P)
     async with anyio.create_task_group() as tg, gate.slot() as slot:
         tg.start_soon(gate.refresh)
@@ -279,6 +281,19 @@ async def test_snapshot_sent_before_the_429_keeps_the_account_busy(make_gate):
         slot.mark_busy()
     assert gate.statistics().polls == 2
     assert account_stats(gate, A).busy
+    await gate.refresh()
+    assert account_stats(gate, A).busy  # A shows as before: no news against the 429
+    await gate.refresh()
+    assert not account_stats(gate, A).busy
+
+
+async def test_a_snapshot_that_shows_the_account_otherwise_lifts_the_busy_mark(make_gate):
+    """After a 429, the first poll that shows the account changed (an outside job took a
+    slot there) lifts the mark."""
+    gate, fake = make_gate({A: 2})
+    async with gate.slot() as slot:
+        slot.mark_busy()
+    fake.add_outside_job(A, duration=3600)
     await gate.refresh()
     assert not account_stats(gate, A).busy
 
@@ -296,7 +311,8 @@ async def test_mark_busy_gives_the_slot_back_at_once(make_gate):
 
 
 async def test_busy_mark_holds_waiters_until_the_next_poll(make_gate):
-    """A waiter for a busy account stays queued until the next snapshot, then gets it."""
+    """A waiter for a busy account stays queued until a snapshot lifts the mark (the
+    second here: the first shows A as before), then gets it."""
     gate, fake = make_gate({A: 2}, jitter=0)
     waiter = Waiter(gate)
     async with anyio.create_task_group() as tg:
@@ -310,7 +326,7 @@ async def test_busy_mark_holds_waiters_until_the_next_poll(make_gate):
             await waiter.granted.wait()
         waiter.release.set()
     assert waiter.account == A
-    assert fake.polls == 2
+    assert fake.polls == 3
 
 
 async def test_attempts_exhausted_raise_submission_failed(make_gate):
