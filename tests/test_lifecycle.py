@@ -310,7 +310,7 @@ async def test_mark_busy_gives_the_slot_back_at_once(make_gate):
     assert gate.statistics().reserved == 0
 
 
-async def test_busy_mark_holds_waiters_until_the_next_poll(make_gate):
+async def test_busy_mark_holds_waiters_until_a_snapshot_lifts_it(make_gate):
     """A waiter for a busy account stays queued until a snapshot lifts the mark (the
     second here: the first shows A as before), then gets it."""
     gate, fake = make_gate({A: 2}, jitter=0)

@@ -417,6 +417,71 @@ def _directed_models(portal: Any, factories: dict[str, StoreFactory]) -> None:
         machine.teardown()
 
 
+def _busy_views(machine: Any) -> dict[str, frozenset[str]]:
+    """Each store's busy accounts now (the grants alone do not show a mark on a full one)."""
+    seen: dict[str, frozenset[str]] = {}
+
+    def step(name: str, store: Store) -> None:
+        seen[name] = frozenset(store.view(anyio.current_time()).busy)
+
+    machine.each(step)
+    return seen
+
+
+def _directed_busy_in_flight(portal: Any, factories: dict[str, StoreFactory]) -> None:
+    """An answer to a poll sent before the 429 neither lifts the mark nor uses up the one
+    unchanged answer it outlasts; every store reports the same busy accounts throughout."""
+    machine = type(
+        "DirectedBusyInFlight",
+        (Conformance,),
+        {"portal": portal[0], "clock": portal[1], "factories": factories},
+    )()
+    try:
+        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+        one = {"max_jobs": 1, "executing": 0, "available": 1}
+        machine.send_poll()
+        machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+        machine.arrive(priority=0, allowed=None)  # granted the only slot
+        machine.send_poll()  # on its way before the 429
+        machine.give_back(pick=0, busy=True)
+        machine.arrive(priority=0, allowed=None)
+        for _ in range(2):  # the answer sent before, then one unchanged answer after
+            machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+            assert machine.granted["memory"] == {"w0": ACCOUNTS[0]}
+            assert set(_busy_views(machine).values()) == {frozenset({ACCOUNTS[0]})}
+            machine.send_poll()
+        machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
+        assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
+    finally:
+        machine.teardown()
+
+
+def _directed_busy_left_out(portal: Any, factories: dict[str, StoreFactory]) -> None:
+    """A 429 on an account the latest answer left out (full): the next answer that leaves it
+    out too is no news, the second lifts the mark, in every store alike."""
+    machine = type(
+        "DirectedBusyLeftOut",
+        (Conformance,),
+        {"portal": portal[0], "clock": portal[1], "factories": factories},
+    )()
+    try:
+        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+        one = {"max_jobs": 1, "executing": 0, "available": 1}
+        machine.send_poll()
+        machine.answer_poll(data=one, which=[ACCOUNTS[1]], listed=[], extra=[])
+        machine.arrive(priority=0, allowed=None)  # granted b's slot
+        machine.send_poll()
+        machine.answer_poll(data=one, which=[], listed=[], extra=[])  # b left out now
+        machine.give_back(pick=0, busy=True)  # its create met a 429
+        for busy in (frozenset({ACCOUNTS[1]}), frozenset()):
+            machine.send_poll()
+            machine.answer_poll(data=one, which=[], listed=[], extra=[])
+            views = _busy_views(machine)
+            assert set(views.values()) == {busy}, views
+    finally:
+        machine.teardown()
+
+
 def _directed_busy(portal: Any, factories: dict[str, StoreFactory]) -> None:
     """A 429's busy mark outlasts one answer that shows the account as before (counts that
     lag: no news against the 429), and is lifted by the second (step by step)."""
@@ -467,7 +532,15 @@ def _directed_busy_changed(portal: Any, factories: dict[str, StoreFactory]) -> N
         machine.teardown()
 
 
-@pytest.mark.parametrize("directed", [_directed_busy, _directed_busy_changed])
+BUSY_CASES = [
+    _directed_busy,
+    _directed_busy_changed,
+    _directed_busy_in_flight,
+    _directed_busy_left_out,
+]
+
+
+@pytest.mark.parametrize("directed", BUSY_CASES)
 def test_memory_store_keeps_a_busy_mark_through_one_unchanged_answer(portal, directed) -> None:
     """The in-memory store: a busy mark and the answers after it."""
     directed(portal, {"memory": memory_store})
@@ -475,7 +548,7 @@ def test_memory_store_keeps_a_busy_mark_through_one_unchanged_answer(portal, dir
 
 @pytest.mark.redis
 @pytest.mark.skipif(not reachable(REDIS_URL), reason=f"no Redis at {REDIS_URL}")
-@pytest.mark.parametrize("directed", [_directed_busy, _directed_busy_changed])
+@pytest.mark.parametrize("directed", BUSY_CASES)
 def test_redis_store_keeps_a_busy_mark_through_one_unchanged_answer(portal, directed) -> None:
     """The Redis store agrees step by step on a busy mark and the answers after it."""
     directed(portal, {"memory": memory_store, "redis": redis_store(REDIS_URL)})

@@ -187,7 +187,8 @@ class AccountStatistics:
         executing: Jobs executing by the latest snapshot (``None`` if unknown or not listed).
         reserved: Local reservations the latest snapshot does not reflect yet.
         free: Slots the gate would grant now on this account.
-        busy: The account answered 429 after the latest snapshot; no grants until a newer one.
+        busy: The account answered 429 and no snapshot since has lifted the mark: no grants
+            until a newer snapshot shows it otherwise, or the second newer one.
         quarantined_for: Seconds of quarantine left, or ``None`` when in rotation.
         quarantine_reason: Why it was quarantined (``""`` when in rotation).
         median_duration: The median duration (seconds) of its jobs the gate saw end

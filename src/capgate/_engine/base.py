@@ -153,7 +153,7 @@ class StoreView:
         free: Slots grantable now per account (empty when not fresh).
         pending: Reservations per account the snapshot does not reflect yet.
         caps: The cap in force per account, where known.
-        busy: Accounts marked busy (a 429) since the snapshot.
+        busy: Accounts marked busy by a 429 that no snapshot has lifted yet.
         quarantined: Account -> (seconds left, reason); ``math.inf`` while until restored.
         reserved: Reservations that count, over every account.
         held: Slots handed out and not yet settled.
