@@ -367,41 +367,7 @@ def test_a_probe_is_on_the_account_the_latest_snapshot_lists_the_job_under():
     assert freed == {"c": 1}
 
 
-# --- placement ----------------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("medians", "granted"), [({"a": 90, "b": 45}, "b"), ({"a": 60, "b": 45}, "a")]
-)
-async def test_most_available_prefers_an_account_whose_jobs_end_markedly_sooner(medians, granted):
-    """a has the most free slots; b's jobs end in half the time (granted there), or in
-    three quarters of it (not markedly sooner: a, as most_available says)."""
-    from capgate._config import check_config
-    from capgate._engine.local import MemoryStore
-
-    config = check_config(
-        "t",
-        service="kling",
-        url=None,
-        poll_interval=5.0,
-        accounts=None,
-        max_jobs=None,
-        strategy="most_available",
-        quarantine_for=60.0,
-        poll_timeout=30.0,
-        max_backoff=None,
-        jitter=0.0,
-    )
-    store = MemoryStore(config)
-    ticket = await store.begin_poll(force=True)
-    assert not isinstance(ticket, float)
-    rows = (AccountCapacity("a", 5, 0, 5), AccountCapacity("b", 2, 0, 2))
-    await store.apply(ticket, Snapshot("kling", rows, (), ticket.sent, ticket.sent), 5.0)
-    store.prefer_faster(store.snapshot(), medians, {})
-    lease = store.grant_nowait(None, ticket.sent)
-    assert lease is not None
-    assert lease.account == granted
+# --- counts that lag, in a gate -------------------------------------------------------------
 
 
 @pytest.mark.anyio

@@ -114,6 +114,21 @@ async def _store_with(rows: tuple[AccountCapacity, ...], executing: tuple[Execut
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("typical", "granted"), [({"a": 90, "b": 45}, "b"), ({"a": 60, "b": 45}, "a")]
+)
+async def test_most_available_prefers_an_account_whose_jobs_end_markedly_sooner(typical, granted):
+    """a has the most free slots; b's jobs end in half the time (granted there), or in
+    three quarters of it (not markedly sooner: a, as most_available says)."""
+    rows = (AccountCapacity("a", 5, 0, 5), AccountCapacity("b", 2, 0, 2))
+    store, now = await _store_with(rows, ())
+    store.prefer_faster(store.snapshot(), typical, {})
+    lease = store.grant_nowait(None, now)
+    assert lease is not None
+    assert lease.account == granted
+
+
+@pytest.mark.anyio
 async def test_the_store_holds_the_slow_slot_for_a_newcomer_but_not_for_timeout_zero():
     """fast (1 slot) is busy with a job expected to end in 5 s, slow is free: a newcomer
     with time to wait is left for the fast slot; one that cannot wait gets the slow one."""
@@ -174,29 +189,33 @@ async def test_the_store_plans_only_with_ends_of_its_own_snapshot():
 
 
 @pytest.fixture
-def learnt_medians(monkeypatch):
-    """The forecast knows f@x.io's jobs take 10 s and s@x.io's 100 s, and expects each
-    listed job to end at ``ends[account]`` (set by the test)."""
+def fast_busy(make_gate, monkeypatch):
+    """A gate over f@x.io (1 slot, jobs of 10 s) and s@x.io (1 slot, jobs of 100 s), f's
+    slot taken by a job that runs ``runs`` seconds while the forecast expects it to end at
+    t = 2 s; polled once. ``await fast_busy(runs, poll_interval)`` gives the gate."""
     from capgate._engine.forecast import Forecast
 
-    ends: dict[str, list[float]] = {}
     monkeypatch.setattr(Forecast, "ready", property(lambda self: True))
     monkeypatch.setattr(Forecast, "typical", lambda self: {"f@x.io": 10.0, "s@x.io": 100.0})
-    monkeypatch.setattr(Forecast, "expected_ends", lambda self: ends)
-    return ends
+    monkeypatch.setattr(Forecast, "expected_ends", lambda self: {"f@x.io": [2.0]})
+
+    async def build(runs: float, poll_interval: float):
+        gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=poll_interval)
+        fake.add_outside_job("f@x.io", duration=runs)
+        await gate.refresh()
+        return gate
+
+    return build
 
 
 @pytest.mark.anyio
 @pytest.mark.trio_only
-async def test_a_held_waiter_gets_the_faster_slot_when_it_frees(make_gate, learnt_medians):
+async def test_a_held_waiter_gets_the_faster_slot_when_it_frees(fast_busy):
     """f's only slot runs a job ending at t = 2 s, s's is free: the waiter is granted f's
     slot at the first poll that shows it free, not s's at once."""
     import anyio
 
-    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=0.5)
-    fake.add_outside_job("f@x.io", duration=2.0)
-    learnt_medians["f@x.io"] = [2.0]
-    await gate.refresh()
+    gate = await fast_busy(runs=2.0, poll_interval=0.5)
     async with gate.slot() as slot:
         assert slot.account == "f@x.io"
         assert 2.0 <= anyio.current_time() <= 2.5 + 0.5
@@ -204,12 +223,9 @@ async def test_a_held_waiter_gets_the_faster_slot_when_it_frees(make_gate, learn
 
 @pytest.mark.anyio
 @pytest.mark.trio_only
-async def test_a_waiter_with_no_time_to_wait_takes_the_slow_slot(make_gate, learnt_medians):
+async def test_a_waiter_with_no_time_to_wait_takes_the_slow_slot(fast_busy):
     """The same, with timeout=0 (try once): granted s's slot at once."""
-    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=0.5)
-    fake.add_outside_job("f@x.io", duration=2.0)
-    learnt_medians["f@x.io"] = [2.0]
-    await gate.refresh()
+    gate = await fast_busy(runs=2.0, poll_interval=0.5)
     async with gate.slot(timeout=0) as slot:
         assert slot.account == "s@x.io"
 
@@ -217,30 +233,24 @@ async def test_a_waiter_with_no_time_to_wait_takes_the_slow_slot(make_gate, lear
 @pytest.mark.anyio
 @pytest.mark.trio_only
 async def test_a_waiter_held_for_an_overrunning_job_takes_the_slow_slot_before_its_timeout(
-    make_gate, learnt_medians
+    fast_busy,
 ):
     """f's job is expected to end at t = 2 s but runs 30 s; a waiter with timeout=5 is not
     left to time out while s's slot is free: it gets s's slot in time."""
-    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=0.5)
-    fake.add_outside_job("f@x.io", duration=30.0)
-    learnt_medians["f@x.io"] = [2.0]
-    await gate.refresh()
+    gate = await fast_busy(runs=30.0, poll_interval=0.5)
     async with gate.slot(timeout=5) as slot:
         assert slot.account == "s@x.io"
 
 
 @pytest.mark.anyio
 @pytest.mark.trio_only
-async def test_a_newcomer_behind_a_held_waiter_gets_a_pass_at_once(make_gate, learnt_medians):
+async def test_a_newcomer_behind_a_held_waiter_gets_a_pass_at_once(fast_busy):
     """W1 (no timeout) is held for f's slot, which frees at t = 2 s; W2 arrives at 0.1 s
     and cannot wait that long (timeout=1): it gets s's free slot at once, not at the next
     poll (5 s on)."""
     import anyio
 
-    gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=5)
-    fake.add_outside_job("f@x.io", duration=2.0)
-    learnt_medians["f@x.io"] = [2.0]
-    await gate.refresh()
+    gate = await fast_busy(runs=2.0, poll_interval=5)
     got: dict[str, tuple[str, float]] = {}
 
     async def first() -> None:

@@ -17,6 +17,7 @@ to expire: the in-memory store has no such thing to compare.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Callable, Iterator
@@ -372,16 +373,27 @@ def test_memory_store_keeps_its_invariants(portal) -> None:
     _run(portal, {"memory": memory_store}, examples=150)
 
 
-def _directed(portal: Any, factories: dict[str, StoreFactory]) -> None:
-    """The heart of the accounting rule, step by step (random runs may miss it): a slot
-    settled after a poll's request left still counts when that poll's answer lands."""
+@contextlib.contextmanager
+def _stepped(
+    portal: Any, factories: dict[str, StoreFactory], strategy: str
+) -> Iterator[Conformance]:
+    """The state machine, set up over ``factories``, for a case driven step by step."""
     machine = type(
-        "Directed",
+        "Stepped",
         (Conformance,),
         {"portal": portal[0], "clock": portal[1], "factories": factories},
     )()
     try:
-        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+        machine.setup(strategy=strategy, accounts=None, max_jobs=None)
+        yield machine
+    finally:
+        machine.teardown()
+
+
+def _directed(portal: Any, factories: dict[str, StoreFactory]) -> None:
+    """The heart of the accounting rule, step by step (random runs may miss it): a slot
+    settled after a poll's request left still counts when that poll's answer lands."""
+    with _stepped(portal, factories, "most_available") as machine:
         one = {"max_jobs": 1, "executing": 0, "available": 1}
         machine.send_poll()
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
@@ -391,19 +403,11 @@ def _directed(portal: Any, factories: dict[str, StoreFactory]) -> None:
         machine.arrive(priority=0, allowed=None)  # queued: no room
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
         assert machine.granted["memory"] == {"w0": ACCOUNTS[0]}  # the settle still counts
-    finally:
-        machine.teardown()
 
 
 def _directed_models(portal: Any, factories: dict[str, StoreFactory]) -> None:
     """An account out for one model serves waiters for another, and no others (step by step)."""
-    machine = type(
-        "DirectedModels",
-        (Conformance,),
-        {"portal": portal[0], "clock": portal[1], "factories": factories},
-    )()
-    try:
-        machine.setup(strategy="first_fit", accounts=None, max_jobs=None)
+    with _stepped(portal, factories, "first_fit") as machine:
         two = {"max_jobs": 2, "executing": 0, "available": 2}
         machine.quarantine(account=ACCOUNTS[0], seconds=1000.0, model=MODELS[0])
         machine.send_poll()
@@ -413,8 +417,6 @@ def _directed_models(portal: Any, factories: dict[str, StoreFactory]) -> None:
         assert machine.granted["memory"] == {"w1": ACCOUNTS[0]}
         machine.restore(account=ACCOUNTS[0])
         assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
-    finally:
-        machine.teardown()
 
 
 def _busy_views(machine: Any) -> dict[str, frozenset[str]]:
@@ -431,13 +433,7 @@ def _busy_views(machine: Any) -> dict[str, frozenset[str]]:
 def _directed_busy_in_flight(portal: Any, factories: dict[str, StoreFactory]) -> None:
     """An answer to a poll sent before the 429 neither lifts the mark nor uses up the one
     unchanged answer it outlasts; every store reports the same busy accounts throughout."""
-    machine = type(
-        "DirectedBusyInFlight",
-        (Conformance,),
-        {"portal": portal[0], "clock": portal[1], "factories": factories},
-    )()
-    try:
-        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+    with _stepped(portal, factories, "most_available") as machine:
         one = {"max_jobs": 1, "executing": 0, "available": 1}
         machine.send_poll()
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
@@ -452,20 +448,12 @@ def _directed_busy_in_flight(portal: Any, factories: dict[str, StoreFactory]) ->
             machine.send_poll()
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
         assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
-    finally:
-        machine.teardown()
 
 
 def _directed_busy_left_out(portal: Any, factories: dict[str, StoreFactory]) -> None:
     """A 429 on an account the latest answer left out (full): the next answer that leaves it
     out too is no news, the second lifts the mark, in every store alike."""
-    machine = type(
-        "DirectedBusyLeftOut",
-        (Conformance,),
-        {"portal": portal[0], "clock": portal[1], "factories": factories},
-    )()
-    try:
-        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+    with _stepped(portal, factories, "most_available") as machine:
         one = {"max_jobs": 1, "executing": 0, "available": 1}
         machine.send_poll()
         machine.answer_poll(data=one, which=[ACCOUNTS[1]], listed=[], extra=[])
@@ -478,20 +466,12 @@ def _directed_busy_left_out(portal: Any, factories: dict[str, StoreFactory]) -> 
             machine.answer_poll(data=one, which=[], listed=[], extra=[])
             views = _busy_views(machine)
             assert set(views.values()) == {busy}, views
-    finally:
-        machine.teardown()
 
 
 def _directed_busy(portal: Any, factories: dict[str, StoreFactory]) -> None:
     """A 429's busy mark outlasts one answer that shows the account as before (counts that
     lag: no news against the 429), and is lifted by the second (step by step)."""
-    machine = type(
-        "DirectedBusy",
-        (Conformance,),
-        {"portal": portal[0], "clock": portal[1], "factories": factories},
-    )()
-    try:
-        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+    with _stepped(portal, factories, "most_available") as machine:
         one = {"max_jobs": 1, "executing": 0, "available": 1}
         machine.send_poll()
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
@@ -504,20 +484,12 @@ def _directed_busy(portal: Any, factories: dict[str, StoreFactory]) -> None:
         machine.send_poll()
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
         assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
-    finally:
-        machine.teardown()
 
 
 def _directed_busy_changed(portal: Any, factories: dict[str, StoreFactory]) -> None:
     """An answer that shows the account otherwise than the one the 429 contradicted lifts
     the busy mark at once."""
-    machine = type(
-        "DirectedBusyChanged",
-        (Conformance,),
-        {"portal": portal[0], "clock": portal[1], "factories": factories},
-    )()
-    try:
-        machine.setup(strategy="most_available", accounts=None, max_jobs=None)
+    with _stepped(portal, factories, "most_available") as machine:
         machine.send_poll()
         two = {"max_jobs": 2, "executing": 0, "available": 2}
         machine.answer_poll(data=two, which=[ACCOUNTS[0]], listed=[], extra=[])
@@ -528,8 +500,6 @@ def _directed_busy_changed(portal: Any, factories: dict[str, StoreFactory]) -> N
         one = {"max_jobs": 2, "executing": 1, "available": 1}
         machine.answer_poll(data=one, which=[ACCOUNTS[0]], listed=[], extra=[])
         assert machine.granted["memory"] == {"w0": ACCOUNTS[0], "w1": ACCOUNTS[0]}
-    finally:
-        machine.teardown()
 
 
 BUSY_CASES = [
