@@ -272,7 +272,8 @@ class Conformance(RuleBasedStateMachine):
         job = f"job-{next(self.jobs)}" if with_id else None
         if job is not None:
             self.settled_jobs.append(job)
-        self.each(lambda name, store: store.settle(self.leases[name].pop(wid), job))
+        now = self.now()
+        self.each(lambda name, store: store.settle(self.leases[name].pop(wid), job, now))
 
     @precondition(lambda self: self.leases.get("memory"))
     @rule(pick=st.integers(0, 99), busy=st.booleans())

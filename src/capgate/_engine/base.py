@@ -265,8 +265,8 @@ class Store(Protocol):
 
     # --- changes ------------------------------------------------------------------------
 
-    def settle(self, lease: Lease, job_id: str | None) -> bool:
-        """The holder submitted (or left): count the lease until reflected."""
+    def settle(self, lease: Lease, job_id: str | None, now: float) -> bool:
+        """The holder submitted (or left) at ``now``: count the lease until reflected."""
 
     def give_back(self, lease: Lease) -> bool:
         """The holder never used the slot: it stops counting now."""

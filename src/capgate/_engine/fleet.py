@@ -833,7 +833,7 @@ class FleetStore:
             self._held.pop(lease_id, None)
         return lease_id, wid
 
-    def settle(self, lease: Lease, job_id: str | None) -> bool:
+    def settle(self, lease: Lease, job_id: str | None, now: float) -> bool:
         lease_id, wid = self._release(lease)
         self._record(
             "settle",

@@ -299,12 +299,12 @@ class Ledger:
         self._pending[account] += 1
         return res
 
-    def settle(self, res: Reservation, job_id: str | None = None) -> None:
+    def settle(self, res: Reservation, job_id: str | None = None, now: float | None = None) -> None:
         """The holder submitted its job (or left the slot): count it until reflected."""
         if res.id not in self._reservations or res.settled:
             return
         res.settled_tick = self.tick()
-        res.settled_at = self._clock()
+        res.settled_at = self._clock() if now is None else now
         res.job_id = job_id
         if job_id is not None and (
             job_id in self._ended  # its callback came first: it ended already

@@ -339,9 +339,9 @@ class MemoryStore:
         res: Reservation = lease.handle
         return res
 
-    def settle(self, lease: Lease, job_id: str | None) -> bool:
+    def settle(self, lease: Lease, job_id: str | None, now: float) -> bool:
         counted = self._ledger.reserved
-        self._ledger.settle(self._res(lease), job_id)
+        self._ledger.settle(self._res(lease), job_id, now)
         return self._ledger.reserved < counted  # its job is already listed: room now
 
     def give_back(self, lease: Lease) -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "Event",
     "checkpoint",
     "checkpoint_if_cancelled",
+    "clock",
     "current_time",
     "event",
     "loop_marker",
@@ -75,6 +76,20 @@ def current_time() -> float:
     if trio is not None:
         return float(trio.current_time())
     return anyio.current_time()
+
+
+def clock() -> Callable[[], float]:
+    """The running event loop's clock itself: :func:`current_time` with the loop looked up
+    once (asyncio's ``loop.time``, the trio run's clock, else ``anyio.current_time``).
+    Valid while that loop runs: the engine keeps one per loop it is bound to."""
+    trio = _on_trio()
+    if trio is not None:
+        reader: Callable[[], float] = trio.lowlevel.current_clock().current_time
+        return reader
+    loop = _running_loop()
+    if loop is not None:
+        return loop.time
+    return anyio.current_time
 
 
 class Event(Protocol):

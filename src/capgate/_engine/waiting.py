@@ -60,7 +60,7 @@ from .._poll import fetch_capacity
 from .base import Lease, PollTicket, Store, Waiter
 from .forecast import Forecast
 from .ledger import row_limit
-from .loop import checkpoint, checkpoint_if_cancelled, current_time, loop_marker
+from .loop import checkpoint, checkpoint_if_cancelled, clock, current_time, loop_marker
 
 __all__ = ["Engine"]
 
@@ -173,6 +173,7 @@ class Engine:
         self._caps_seen: dict[str, int] = {}
         self._auth_seen: object = None
         self._loop: tuple[anyio.lowlevel.EventLoopToken, int, object] | None = None
+        self._now: Callable[[], float] = current_time  # the bound loop's clock, read directly
         if now_or_none() is not None:  # built inside async code: that is its loop
             self._bind_loop()
         # when slots are likely to free (see forecast.py): the next poll may go later than
@@ -194,6 +195,7 @@ class Engine:
         loop = self._loop
         if loop is None or loop[2] is not marker:
             self._loop = (anyio.lowlevel.current_token(), threading.get_ident(), marker)
+            self._now = clock()
 
     def on_loop(self, fn: Callable[..., T], *args: Any) -> T | None:
         """Run ``fn(*args)`` on the gate's event loop, from whatever thread calls.
@@ -245,7 +247,7 @@ class Engine:
         self._bind_loop()
         self.check_open()
         store = self.store
-        now = current_time()
+        now = self._now()
         self._refuse_early(allowed, now, model)
         if not self._waiting and model is None:  # a model's waiter takes the queue's pass
             # nobody queued ahead: a fresh snapshot with room grants at once (the hot path)
@@ -302,7 +304,7 @@ class Engine:
             assert timeout is not None  # noqa: S101 - no timeout, no way out but a grant
             raise SlotTimeout(f"{self.service}: no free slot within {timeout:g} s", timeout=timeout)
         self._leave(waiter)
-        waited = current_time() - waiter.arrived
+        waited = self._now() - waiter.arrived
         self.waits.observe(waited)
         return waiter.lease, waited
 
@@ -572,16 +574,17 @@ class Engine:
     # --- what holders report ----------------------------------------------------------------
 
     def settle(self, lease: Lease, job_id: str | None, error: BaseException | None) -> None:
+        now = self._now()
         if log.debug_enabled():
             log.debug(
                 "capgate.settle",
                 service=self.service,
                 account=lease.account,
                 job_id=job_id,
-                held_for=current_time() - lease.granted_at,
+                held_for=now - lease.granted_at,
                 error=None if error is None else type(error).__name__,
             )
-        if self.store.settle(lease, job_id):
+        if self.store.settle(lease, job_id, now):
             self._room_freed()
 
     def give_back(self, lease: Lease, why: str) -> None:
