@@ -199,8 +199,10 @@ def fast_busy(make_gate, monkeypatch):
     monkeypatch.setattr(Forecast, "typical", lambda self: {"f@x.io": 10.0, "s@x.io": 100.0})
     monkeypatch.setattr(Forecast, "expected_ends", lambda self: {"f@x.io": [2.0]})
 
-    async def build(runs: float, poll_interval: float):
-        gate, fake = make_gate({"f@x.io": 1, "s@x.io": 1}, poll_interval=poll_interval)
+    async def build(runs: float, poll_interval: float, latency: float = 0.0):
+        gate, fake = make_gate(
+            {"f@x.io": 1, "s@x.io": 1}, poll_interval=poll_interval, latency=latency
+        )
         fake.add_outside_job("f@x.io", duration=runs)
         await gate.refresh()
         return gate
@@ -239,6 +241,20 @@ async def test_a_waiter_held_for_an_overrunning_job_takes_the_slow_slot_before_i
     left to time out while s's slot is free: it gets s's slot in time."""
     gate = await fast_busy(runs=30.0, poll_interval=0.5)
     async with gate.slot(timeout=5) as slot:
+        assert slot.account == "s@x.io"
+
+
+@pytest.mark.anyio
+@pytest.mark.trio_only
+@pytest.mark.parametrize(("poll_interval", "latency", "timeout"), [(1, 5, 8), (5, 20, 40)])
+async def test_slow_answers_do_not_hold_a_waiter_past_its_timeout(
+    fast_busy, poll_interval, latency, timeout
+):
+    """The same, with answers slower than the poll interval (found by a review: held for
+    two poll intervals' margin while passes came a round trip apart, it timed out with s's
+    slot free all along): the margin counts the round trip, and it gets s's slot."""
+    gate = await fast_busy(runs=600.0, poll_interval=poll_interval, latency=latency)
+    async with gate.slot(timeout=timeout) as slot:
         assert slot.account == "s@x.io"
 
 

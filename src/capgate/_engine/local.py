@@ -158,7 +158,14 @@ class MemoryStore:
             # granted; one older than its account's typical duration is not expected to free
             if account in usable and granted_at + usable[account] > now:
                 busy[account].append(granted_at + usable[account])
-        return FinishFirst(now, picker.free, usable, busy, 2 * self._config.poll_interval)
+        # a held waiter is let go only by a pass on a fresh answer: they come a poll
+        # spacing (jitter included) plus a round trip apart, so it is held only for a slot
+        # expected to free two such cycles before its deadline
+        snapshot = self._ledger.snapshot
+        round_trip = 0.0 if snapshot is None else snapshot.received_at - snapshot.requested_at
+        config = self._config
+        cycle = config.poll_interval * (1 + config.jitter) + max(0.0, round_trip)
+        return FinishFirst(now, picker.free, usable, busy, 2 * cycle)
 
     def _pick(
         self,
