@@ -367,6 +367,38 @@ def test_a_probe_is_on_the_account_the_latest_snapshot_lists_the_job_under():
     assert freed == {"c": 1}
 
 
+def test_a_job_listed_twice_is_one_probe():
+    """The same id twice in ``executing`` is one job holding one slot (as the ledger
+    counts it): never two probes on a one-slot account."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(2000, ("x", "a", 55), ("x", "a", 55)))
+    freed, _ = forecast.probably_freed(2000, lag=15)
+    assert freed == {"a": 1}
+
+
+def test_a_job_at_the_very_end_of_what_was_seen_is_no_probe_and_no_error():
+    """A listed job whose age is where the durations reach 1 (but still within them)
+    leaves no chance to divide by: it is passed over."""
+    forecast = learnt([60.0] * 12, gap=1.0)
+    forecast.observe(snap(100, ("x", "a", 55)))
+    durations = forecast.durations("a")
+    assert durations is not None
+    longest = durations._curve()[0][-1]
+    forecast._jobs["x"].start = 100 - (longest - 1e-12)  # a hair below it
+    age = 100 - forecast._jobs["x"].start
+    assert durations.covers(age)
+    assert 1 - durations.cdf(age) <= 1e-9
+    assert forecast.probably_freed(110, lag=15)[0] == {}  # and no ZeroDivisionError
+
+
+def test_durations_near_the_float_limit_still_give_a_finite_typical():
+    """No elapsed above a week gets in (parse_elapsed), but typical() must not overflow
+    whatever it is fed."""
+    forecast = _taught({"a": [1e300] * 5 + [1.0]})
+    typical = forecast.typical()
+    assert all(math.isfinite(v) for v in typical.values())
+
+
 # --- counts that lag, in a gate -------------------------------------------------------------
 
 
@@ -394,3 +426,44 @@ async def test_a_probe_slot_goes_to_the_driver_at_once(make_gate, monkeypatch):
         assert slot.account == "a@x.io"
         assert anyio.current_time() == arrived
     assert gate.statistics().polls == 1
+
+
+# --- a forecast that fails, in a gate --------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_forecast_that_raises_costs_the_forecast_not_the_gate(make_gate, logs, monkeypatch):
+    """A bug in the forecast (or an answer no check caught) is logged once per failure;
+    the gate forgets what it learnt and grants, polls and answers statistics() as a gate
+    with no history does."""
+
+    def boom(self: Forecast, snapshot: Snapshot) -> bool:
+        raise RuntimeError("forecast bug")
+
+    monkeypatch.setattr(Forecast, "observe", boom)
+    gate, _ = make_gate({"a@x.io": 2})
+    async with gate.slot() as slot:
+        assert slot.account == "a@x.io"
+    stats = gate.statistics()
+    assert stats.polls == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["capgate.forecast_failed"]
+
+
+@pytest.mark.anyio
+async def test_a_poll_that_crashes_is_an_error_for_refresh_not_a_new_poll(
+    make_gate, logs, monkeypatch
+):
+    """A bug while an answer is applied: refresh() raises PollError after that one
+    request, instead of taking it for an aborted poll and polling again at once."""
+    from capgate import PollError
+    from capgate._engine.local import MemoryStore
+
+    async def broken(self: MemoryStore, *args: object) -> None:
+        raise RuntimeError("store bug")
+
+    monkeypatch.setattr(MemoryStore, "apply", broken)
+    gate, fake = make_gate({"a@x.io": 2})
+    with pytest.raises(PollError, match="RuntimeError"):
+        await gate.refresh()
+    assert fake.polls == 1
+    assert "capgate.poll_crashed" in [e["event"] for e in logs]

@@ -199,6 +199,26 @@ def test_elapsed_formats(text, seconds):
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        1e300,
+        10**400,
+        float("nan"),
+        float("inf"),
+        7 * 86_400 + 1,
+        "9" * 400 + ":00:00",
+        "9" * 5000 + ":00:00",
+        "9" * 400 + "s",
+        "200:00:00",
+    ],
+)
+def test_an_implausible_elapsed_is_unreadable(text):
+    """Above a week, not finite, or too many digits: None, never an error or a huge age
+    (the durations learnt from it would overflow the forecast)."""
+    assert parse_elapsed(text) is None
+
+
+@pytest.mark.parametrize(
     ("name", "job_id", "account"),
     [
         ("luma", "j0326v-u12345-email:a@x.io:6f1c-bot:luma", "a@x.io"),

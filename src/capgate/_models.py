@@ -444,32 +444,41 @@ def started_of(value: Any) -> datetime | None:
     return None
 
 
-_CLOCK = re.compile(r"^(?:(\d+):)?(\d{1,3}):(\d{1,2})$")
-_UNITS = re.compile(r"^(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?$")
+_CLOCK = re.compile(r"^(?:(\d{1,6}):)?(\d{1,3}):(\d{1,2})$")
+_UNITS = re.compile(r"^(?:(\d{1,6})\s*h)?\s*(?:(\d{1,6})\s*m)?\s*(?:(\d{1,9}(?:\.\d{1,9})?)\s*s)?$")
+#: an ``elapsed`` above this many seconds (a week) is taken as unreadable: no job of these
+#: services runs that long, and the durations learnt from it would be garbage (or overflow)
+MAX_ELAPSED = 7 * 86_400.0
 
 
 def parse_elapsed(value: object) -> float | None:
     """Seconds from an ``elapsed`` as useapi writes it, or ``None`` when unreadable.
 
     ``"03:45"`` (``MM:SS``, also ``H:MM:SS``), a number of seconds (Dreamina's
-    ``elapsedSeconds``), or ``"45s"`` / ``"1m 23s"`` (Mureka's model).
+    ``elapsedSeconds``), or ``"45s"`` / ``"1m 23s"`` (Mureka's model). Negative, not finite
+    or above :data:`MAX_ELAPSED`: unreadable.
     """
     if isinstance(value, bool):
         return None
+    seconds: float | None = None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) and value >= 0 else None
-    if not isinstance(value, str) or not value.strip():
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            return None
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        clock = _CLOCK.match(text)
+        units = None if clock else _UNITS.match(text)
+        if clock:
+            hours, minutes, secs = clock.groups()
+            seconds = int(hours or 0) * 3600.0 + int(minutes) * 60.0 + int(secs)
+        elif units and any(units.groups()):
+            hours, minutes, secs = units.groups()
+            seconds = int(hours or 0) * 3600.0 + int(minutes or 0) * 60.0 + float(secs or 0)
+    if seconds is None or not 0 <= seconds <= MAX_ELAPSED:  # NaN fails the test too
         return None
-    text = value.strip().lower()
-    clock = _CLOCK.match(text)
-    if clock:
-        hours, minutes, seconds = clock.groups()
-        return int(hours or 0) * 3600.0 + int(minutes) * 60.0 + int(seconds)
-    units = _UNITS.match(text)
-    if units and any(units.groups()):
-        hours, minutes, seconds = units.groups()
-        return int(hours or 0) * 3600.0 + int(minutes or 0) * 60.0 + float(seconds or 0)
-    return None
+    return seconds
 
 
 def format_elapsed(seconds: float, style: str) -> str | int:

@@ -243,6 +243,8 @@ class Forecast:
         listed = set()
         by_account: dict[str | None, list[_Job]] = {}
         for job in snapshot.executing:
+            if job.job_id in listed:
+                continue  # listed twice: one job, one slot (as the ledger counts it)
             listed.add(job.job_id)
             known = self._jobs.get(job.job_id)
             if known is not None:
@@ -311,9 +313,7 @@ class Forecast:
             if len(d) >= MIN_SAMPLES
         }
         if len(logs) < 2:
-            return {
-                a: math.exp(statistics.fmean(xs) + RISK * _spread(xs)) for a, xs in logs.items()
-            }
+            return {a: _exp(statistics.fmean(xs) + RISK * _spread(xs)) for a, xs in logs.items()}
         means = {a: statistics.fmean(xs) for a, xs in logs.items()}
         # within-account variance, pooled; between-account variance beyond sampling error
         within = sum((x - means[a]) ** 2 for a, xs in logs.items() for x in xs) / max(
@@ -327,7 +327,7 @@ class Forecast:
         for a, xs in logs.items():
             error = within / len(xs)
             keep = between / (between + error) if between + error > 0 else 0.0
-            out[a] = math.exp(centre + keep * (means[a] - centre) + RISK * math.sqrt(within))
+            out[a] = _exp(centre + keep * (means[a] - centre) + RISK * math.sqrt(within))
         return out
 
     @property
@@ -356,7 +356,11 @@ class Forecast:
         if latest is None:
             return None
         jobs = []
+        seen = set()
         for listed in latest.executing:
+            if listed.job_id in seen:
+                continue  # listed twice: one job
+            seen.add(listed.job_id)
             job = self._jobs.get(listed.job_id)
             account = listed.account
             if accounts is not None and account is not None and account not in accounts:
@@ -463,21 +467,20 @@ class Forecast:
             return {}, math.inf
         origin = latest.requested_at
         chances: dict[str, list[float]] = {}
-        soonest = math.inf
-        for listed in latest.executing:
-            job = self._jobs.get(listed.job_id)
-            if job is None or job.account is None:
+        for account, jobs in self._listed.items():  # each job once, where it is listed
+            durations = None if account is None else self.durations(account)
+            if account is None or durations is None:
                 continue
-            durations = self.durations(job.account)
-            if durations is None:
-                continue
-            age = origin - job.start  # its age as the counts saw it
-            if not durations.covers(age):
-                continue  # older than any job seen to end: no guess
-            alive = 1.0 - durations.cdf(age)
-            # the counts saw it `lag` before the origin: since then, lag + (now - origin)
-            ended = (durations.cdf(age + lag + now - origin) - durations.cdf(age)) / alive
-            chances.setdefault(job.account, []).append(ended)
+            for job in jobs:
+                age = origin - job.start  # its age as the counts saw it
+                if not durations.covers(age):
+                    continue  # older than any job seen to end: no guess
+                alive = 1.0 - durations.cdf(age)
+                if alive <= 1e-9:
+                    continue  # at the very end of what was seen: no guess either
+                # the counts saw it `lag` before the origin: since then, lag + (now - origin)
+                ended = (durations.cdf(age + lag + now - origin) - durations.cdf(age)) / alive
+                chances.setdefault(account, []).append(ended)
         freed = {}
         for account, ps in chances.items():
             n = _surely_at_least(ps, PROBE_CONFIDENCE)
@@ -542,6 +545,12 @@ class Forecast:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if none_ended(mid) > 0.5 else (lo, mid)
         return Outlook(median, max(0.0, origin + hi - now))
+
+
+def _exp(x: float) -> float:
+    """``math.exp``, at most about 10^304 (a week is 10^5.8 s: anything near is garbage
+    in, and must not raise)."""
+    return math.exp(min(x, 700.0))
 
 
 def _spread(logs: list[float]) -> float:

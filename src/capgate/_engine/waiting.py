@@ -179,6 +179,7 @@ class Engine:
         # when slots are likely to free (see forecast.py): the next poll may go later than
         # its floor, decided once per snapshot; invalidate() and freed room call it off
         self.forecast = Forecast(config.poll_interval)
+        self._unlearnable: Snapshot | None = None  # the forecast failed on it: not again
         self._planned_for: Snapshot | None = None
         self._planned_at = -math.inf
         self._planned_floor = math.inf
@@ -365,7 +366,11 @@ class Engine:
         lag = self.store.view(now).lag_floor
         if lag <= 0:
             return math.inf
-        freed, soonest = self.forecast.probably_freed(now, lag)
+        try:
+            freed, soonest = self.forecast.probably_freed(now, lag)
+        except Exception:  # a bug must cost the forecast, never the waiter  # noqa: BLE001
+            self._forecast_failed()
+            return math.inf
         if self.store.expect_freed(freed):
             self._dispatch()  # a slot more than before: hand it out now, not at the next step
         return soonest
@@ -384,9 +389,13 @@ class Engine:
             self._observe(snapshot)
             self._planned_at = -math.inf
             if not self._room(snapshot, now):  # else the waiters left can't use it: no guess
-                planned = self.forecast.next_poll(
-                    floor=floor, interval=self.config.poll_interval, accounts=self.config.allow
-                )
+                try:
+                    planned = self.forecast.next_poll(
+                        floor=floor, interval=self.config.poll_interval, accounts=self.config.allow
+                    )
+                except Exception:  # as in _expect  # noqa: BLE001
+                    self._forecast_failed()
+                    planned = floor
                 if planned > floor:
                     self._planned_at, self._planned_floor = planned, floor
         elif floor < self._planned_floor - 1e-6:
@@ -398,8 +407,26 @@ class Engine:
     def _observe(self, snapshot: Snapshot) -> None:
         """Learn from ``snapshot`` (once), and tell the store which accounts are faster."""
         forecast = self.forecast
-        if forecast.observe(snapshot) and forecast.ready:
-            self.store.prefer_faster(snapshot, forecast.typical(), forecast.expected_ends())
+        if snapshot is self._unlearnable:
+            return
+        try:
+            if not (forecast.observe(snapshot) and forecast.ready):
+                return
+            typical, ends = forecast.typical(), forecast.expected_ends()
+        except Exception:  # as in _expect: then no account is taken as faster  # noqa: BLE001
+            self._forecast_failed()
+            self._unlearnable = snapshot  # the new forecast does not retry it (nor log again)
+            typical, ends = {}, {}
+        self.store.prefer_faster(snapshot, typical, ends)
+
+    def _forecast_failed(self) -> None:
+        """The forecast raised (a bug, or an answer no check caught): log it, forget what
+        it learnt and go on as a gate with no history does (polls at the floor, no probes,
+        no placement plan), learning anew. Call it from an ``except`` block."""
+        log.exception("capgate.forecast_failed", service=self.service)
+        self.forecast = Forecast(self.config.poll_interval)
+        self._planned_for = None
+        self._planned_at = -math.inf
 
     def _room(self, snapshot: Snapshot, now: float) -> bool:
         """Whether ``snapshot`` leaves a slot free after the reservations it doesn't show."""
@@ -658,11 +685,13 @@ class Engine:
         return inflight
 
     async def _run_poll(self, inflight: _Inflight) -> None:
+        crashed: Exception | None = None
         try:
             with inflight.scope:
                 await self._poll(inflight)
-        except Exception:  # a bug must not take the event loop down with it
+        except Exception as exc:  # a bug must not take the event loop down with it
             log.exception("capgate.poll_crashed", service=self.service)
+            crashed = exc
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 if inflight.snapshot is None and inflight.error is None:
@@ -670,6 +699,12 @@ class Engine:
                         await self.store.poll_aborted(inflight.ticket)
                     except Exception:  # as above: a trio system task must not raise
                         log.exception("capgate.poll_crashed", service=self.service)
+                    if crashed is not None:
+                        # refresh() raises this rather than taking the crash for an abort
+                        # and polling again at once
+                        inflight.error = PollError(
+                            f"{self.service}: the poll failed ({type(crashed).__name__})"
+                        )
                 self._inflight = None
                 if not self.closed:
                     try:  # collect what the answer granted (fleet mode: inside Redis)
@@ -719,8 +754,8 @@ class Engine:
             return
         spacing = poll_spacing(config.poll_interval, config.jitter, self.rng.random())
         await store.apply(ticket, snapshot, spacing)
-        self._observe(snapshot)  # before a pass plans with it
         inflight.snapshot = snapshot
+        self._observe(snapshot)  # before a pass plans with it
         self._known.update(row.account for row in snapshot.accounts)
         self._known.update(job.account for job in snapshot.executing if job.account)
         for row in skipped:
@@ -808,12 +843,15 @@ class Engine:
         )
         snapshot = view.snapshot
         if now is not None:
-            rows = tuple(
-                dataclasses.replace(
-                    row, **dataclasses.asdict(self.forecast.outlook(row.account, now))
+            try:
+                outlooks = [self.forecast.outlook(row.account, now) for row in rows]
+            except Exception:  # as in _expect: statistics() must answer  # noqa: BLE001
+                self._forecast_failed()
+            else:
+                rows = tuple(
+                    dataclasses.replace(row, **dataclasses.asdict(outlook))
+                    for row, outlook in zip(rows, outlooks, strict=True)
                 )
-                for row in rows
-            )
         next_poll_in = None
         if now is not None and self._waiting and self._inflight is None:
             due = self.store.poll_due_in(now)
