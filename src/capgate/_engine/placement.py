@@ -20,10 +20,11 @@ is long enough that its last waiters would finish sooner there, and left idle wh
 
 Bounds on what is held back: a waiter with a ``timeout=`` is held only for a slot expected
 to free at least ``margin`` (two poll cycles, each a spacing with its jitter plus the last
-answer's round trip: time for a poll to show it and a pass to grant it) before its deadline, so ``timeout=0`` is never held and a slot that overruns its
-forecast leaves the waiter to take the free one before it gives up; a slot whose job is
-older than any seen to end is not expected to free at all, nor is a reservation older than
-its account's typical duration; the plan runs only with a typical duration for every
+answer's round trip: time for a poll to show it and a pass to grant it) before its
+deadline, so ``timeout=0`` is never held and a slot that overruns its forecast leaves the
+waiter to take the free one before it gives up; a slot whose job is older than any seen to
+end is not expected to free at all, nor is a reservation older than its account's typical
+duration; the plan runs only with a typical duration for every
 account that has room and at most :data:`PLAN_ACCOUNTS` accounts; after :data:`MAX_HELD`
 waiters held in one pass the rest are granted as without a plan (a queue that deep uses
 every slot).
