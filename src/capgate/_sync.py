@@ -216,6 +216,46 @@ class SyncSlot:
         return "<capgate.SyncSlot" + inner[len("<capgate.Slot") :]
 
 
+class _Handoff:
+    """Who owns a slot granted to a thread: the thread once the loop delivered it, the
+    loop if the thread left first (Ctrl-C while it waited). Decided under a lock, so
+    exactly one of the two hands it back and a slot is never left held by nobody."""
+
+    __slots__ = ("_lock", "_state", "scope")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "waiting"  # "delivered" or "abandoned" once decided
+        self.scope: anyio.CancelScope | None = None  # the loop-side wait, to cancel it
+
+    def start(self, scope: anyio.CancelScope) -> bool:
+        """On the loop: the wait begins; ``False`` if the thread has left already."""
+        with self._lock:
+            self.scope = scope
+            return self._state != "abandoned"
+
+    def deliver(self) -> bool:
+        """On the loop: the slot goes to the thread; ``False`` if it has left."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "delivered"
+            return True
+
+    def abandon(self) -> bool:
+        """In the thread: it leaves; ``True`` if the slot was delivered (the thread hands
+        it back), ``False`` if the loop will, once granted."""
+        with self._lock:
+            delivered = self._state == "delivered"
+            self._state = "abandoned"
+            return delivered
+
+    @staticmethod
+    def granted(ctx: AbstractAsyncContextManager[Slot]) -> bool:
+        """Whether the ``gate.slot()`` context was entered (holds a slot)."""
+        return getattr(ctx, "_slot", None) is not None
+
+
 class _SyncSlotContext:
     """What ``gate.slot(...)`` returns: ``with`` it to hold a :class:`SyncSlot`."""
 
@@ -231,28 +271,49 @@ class _SyncSlotContext:
 
     def __enter__(self) -> SyncSlot:
         rt = self._gate._enter(self._rt)
+        handoff = _Handoff()
+        future: Future[Slot | None] | None = None
         try:
-            future = rt.portal.start_task_soon(self._ctx.__aenter__)
-            try:
-                slot = future.result()
-            except BaseException:
-                # interrupted while waiting (Ctrl-C): a pending wait is cancelled, and the
-                # gate gives back a grant it made meanwhile; one already delivered to the
-                # future is handed straight back here
-                if (
-                    not future.cancel()
-                    and not future.cancelled()
-                    and future.done()
-                    and future.exception() is None
-                ):
-                    with contextlib.suppress(Exception):
-                        rt.run(lambda: self._ctx.__aexit__(None, None, None))
-                raise
+            future = rt.portal.start_task_soon(self._enter_on_loop, handoff)
+            slot = future.result()
+            assert slot is not None  # noqa: S101 - only an abandoned entry returns None
+            self._slot = SyncSlot(rt, slot)
+            return self._slot  # noqa: TRY300 - inside: an interrupt before it is handled
         except BaseException:
+            # interrupted (Ctrl-C) anywhere in here, or the wait failed: whoever comes
+            # second, this thread or the loop, hands back a slot the other took
+            self._slot = None
+            if handoff.abandon():  # granted and delivered: ours to hand back
+                with contextlib.suppress(Exception):
+                    rt.run(self._exit_on_loop)
+            elif future is not None:
+                future.cancel()  # a wait still pending stops waiting
+            elif handoff.scope is not None:  # interrupted while the task was started
+                with contextlib.suppress(Exception):
+                    rt.run_sync(handoff.scope.cancel)
             self._gate._leave(rt)
             raise
-        self._slot = SyncSlot(rt, slot)
-        return self._slot
+
+    async def _enter_on_loop(self, handoff: _Handoff) -> Slot | None:
+        """Wait for the slot on the loop; hand it back here if the caller left first."""
+        with anyio.CancelScope() as scope:
+            if not handoff.start(scope):
+                return None  # the caller left before this task ran
+            slot = await self._ctx.__aenter__()
+            if handoff.deliver():
+                return slot
+        if handoff.granted(self._ctx):
+            await self._exit_on_loop()
+        return None
+
+    async def _exit_on_loop(self) -> None:
+        """Give back a slot the caller never got to use (no job was created on it), at
+        once, whatever cancels the caller meanwhile."""
+        with anyio.CancelScope(shield=True):
+            slot: Slot | None = getattr(self._ctx, "_slot", None)
+            if slot is not None:
+                slot._give_back_unused()
+            await self._ctx.__aexit__(None, None, None)
 
     def __exit__(
         self,
@@ -263,9 +324,20 @@ class _SyncSlotContext:
         if self._slot is None:
             return
         try:
-            self._rt.run(lambda: self._ctx.__aexit__(exc_type, exc, tb))
+            # not rt.run(): Ctrl-C while this waits must not cancel the settle itself
+            self._rt.portal.start_task_soon(self._settle_on_loop, exc_type, exc, tb).result()
         finally:
             self._gate._leave(self._rt)
+
+    async def _settle_on_loop(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Leave the block on the loop, to the end even if the thread is interrupted."""
+        with anyio.CancelScope(shield=True):
+            await self._ctx.__aexit__(exc_type, exc, tb)
 
 
 class SyncCapacityGate:
@@ -467,9 +539,15 @@ class SyncCapacityGate:
                 "use gate.slot() to hold several slots at once"
             )
         ctx = self.slot()
-        slot = ctx.__enter__()
-        self._local.ctx = ctx
-        return slot.account
+        self._local.ctx = ctx  # before the grant: an interrupt right after still finds it
+        try:
+            return ctx.__enter__().account
+        except BaseException:
+            self._local.ctx = None
+            if ctx._slot is not None:  # entered, and interrupted before returning
+                ctx._slot._give_back_unused()
+                ctx.__exit__(None, None, None)
+            raise
 
     def __exit__(
         self,
