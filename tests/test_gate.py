@@ -135,6 +135,11 @@ def test_plain_http_refused_off_loopback():
             r"^poll_interval must be at most 86400 s, got 1e\+300$",
         ),
         ({"poll_interval": "5"}, TypeError, r"^poll_interval must be a number, not str$"),
+        (
+            {"poll_interval": 10**400},
+            ValueError,
+            r"^poll_interval must be a finite number > 0, got 1000",
+        ),
         ({"strategy": "random"}, ValueError, r"^unknown strategy 'random'; use one of "),
         ({"max_jobs": 0}, ValueError, r"^max_jobs must be >= 1, got 0$"),
         ({"max_jobs": {"a": -1}}, ValueError, r"^max_jobs\['a'\] must be >= 0, got -1$"),
@@ -175,6 +180,8 @@ async def test_slot_options_are_validated(make_gate):
         gate.slot(priority=True)
     with pytest.raises(ValueError, match=r"^timeout must be a finite number >= 0, got -1$"):
         gate.slot(timeout=-1)
+    with pytest.raises(ValueError, match=r"^timeout must be a finite number >= 0, got 1000"):
+        gate.slot(timeout=10**400)  # an int beyond any float: no OverflowError
 
 
 # --- rule 1: accounting ---------------------------------------------------------------------------

@@ -92,7 +92,10 @@ def number(name: str, value: object, *, minimum: float, inclusive: bool = False)
     """A finite real number above ``minimum`` (or at it, when ``inclusive``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond any float: as not finite
+        result = math.inf
     if not math.isfinite(result) or result < minimum or (result == minimum and not inclusive):
         bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
