@@ -318,6 +318,30 @@ def test_watch_without_token(monkeypatch, capsys):
 # --- serve-fake --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_ctrl_c_inside_a_task_group_is_an_interrupt_too(monkeypatch, capsys, grouped):
+    """Ctrl-C during simulate comes out of trio's nursery as an exception group: exit 130
+    and one line, as a bare KeyboardInterrupt (found by a review: exit 1 and a traceback)."""
+    import capgate._cli as cli
+
+    if sys.version_info >= (3, 11):
+        group = BaseExceptionGroup  # noqa: F821 - a builtin since 3.11
+    else:  # pragma: no cover - anyio's backport
+        import exceptiongroup
+
+        group = exceptiongroup.BaseExceptionGroup
+
+    def interrupted(args: object, parser: object) -> int:
+        if grouped:
+            raise group("nursery", [KeyboardInterrupt()])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_simulate", interrupted)
+    assert main(["simulate", "--jobs", "10"]) == 130
+    err = capsys.readouterr().err
+    assert err == "capgate: interrupted\n"
+
+
 def test_serve_fake_serves_until_ctrl_c():
     """serve-fake prints its URL and token, answers polls and creates (429 when full),
     and exits 0 on Ctrl-C."""

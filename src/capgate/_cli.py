@@ -235,12 +235,13 @@ def _library_log(level: int) -> Iterator[None]:
 # --- pipes and signals -------------------------------------------------------------------
 
 
-def _is_broken_pipe(exc: BaseException) -> bool:
-    """A BrokenPipeError, alone or inside the exception groups of task groups."""
-    if isinstance(exc, BrokenPipeError):
+def _made_of(exc: BaseException, kind: type[BaseException]) -> bool:
+    """``exc`` is a ``kind``, alone or as every leaf of the exception groups of task
+    groups (a Ctrl-C inside trio's nursery comes out as a group)."""
+    if isinstance(exc, kind):
         return True
     inner: Sequence[BaseException] = getattr(exc, "exceptions", ())
-    return bool(inner) and all(_is_broken_pipe(e) for e in inner)
+    return bool(inner) and all(_made_of(e, kind) for e in inner)
 
 
 def _stdout_to_devnull() -> None:
@@ -1120,11 +1121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"capgate: {_EXTRA_HINT} ({exc})", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("capgate: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        if not _is_broken_pipe(exc):
+    except BaseException as exc:
+        if _made_of(exc, KeyboardInterrupt):
+            print("capgate: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if not _made_of(exc, BrokenPipeError):
             raise
         # the reader of stdout left (`capgate status --json | head -c 1`): end quietly, as
         # git and ls do, with the code a shell shows for them
