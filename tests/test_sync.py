@@ -566,13 +566,13 @@ def test_ctrl_c_while_entering_gives_the_slot_back(server, gates, when, how):
         gate.refresh()  # the loop thread runs
         rt = gate._rt
         rt.portal = _CtrlC(rt.portal, when)
+
+        def enter() -> None:
+            with gate.slot(timeout=5) if how == "slot" else gate:
+                pytest.fail("the block must not run")
+
         with pytest.raises(KeyboardInterrupt):
-            if how == "slot":
-                with gate.slot(timeout=5):
-                    pytest.fail("the block must not run")
-            else:
-                with gate:
-                    pytest.fail("the block must not run")
+            enter()
         deadline = time.monotonic() + 5
         while gate.statistics().held and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -582,6 +582,19 @@ def test_ctrl_c_while_entering_gives_the_slot_back(server, gates, when, how):
             assert slot.account == "a@x.io"
         with gate:  # the thread's `with gate` is free again too
             pass
+
+
+def test_a_slot_used_after_close_gives_its_own_error(server, gates):
+    """mark_submitted() on a slot whose block ended, after close(): the slot's own
+    "already released", as while the loop runs (not "This portal is not running")."""
+    gate = gates(server.fake.token, url=server.url, poll_interval=0.2)
+    with gate.slot(timeout=5) as slot:
+        pass
+    gate.close()
+    with pytest.raises(RuntimeError, match=r"^mark_submitted\(\): this slot is already released$"):
+        slot.mark_submitted("late")
+    with pytest.raises(RuntimeError, match=r"^mark_busy\(\): this slot is already released$"):
+        slot.mark_busy()
 
 
 def test_close_before_use_starts_nothing(gates):

@@ -168,6 +168,39 @@ def test_a_call_from_a_thread_returns_when_the_loop_has_stopped(monkeypatch):
         loop.close()
 
 
+def test_a_scrape_from_a_thread_does_not_wait_out_a_loop_that_stopped():
+    """statistics() from a thread while the gate's loop has stopped (its program ending,
+    close() of a sync twin): answered at once from the gate's state, not after waiting
+    ON_LOOP_TIMEOUT for a loop that will never run the call (found by a review: 5 s)."""
+    import asyncio
+
+    import httpx
+
+    from capgate import CapacityGate
+    from capgate._engine import waiting
+    from capgate.testing import FakeScheduler
+
+    fake = FakeScheduler({A: 1}, service="kling")
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def build() -> CapacityGate:
+            gate = CapacityGate(
+                fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
+            )
+            await gate.refresh()
+            return gate
+
+        gate = loop.run_until_complete(build())  # the loop is stopped now, not closed
+        got: list[Any] = []
+        started = time.monotonic()
+        in_thread(0.0, lambda: got.append(gate.statistics())).join(timeout=10)
+        assert time.monotonic() - started < waiting.ON_LOOP_TIMEOUT / 5
+        assert got[0].polls == 1
+    finally:
+        loop.close()
+
+
 async def test_quarantine_from_a_thread_before_the_gate_was_used(make_gate):
     """A gate built in async code takes quarantine() from a thread before its first wait."""
     gate, _ = make_gate({A: 1})

@@ -15,8 +15,12 @@ How it works, in one place:
   touching them (they are kept referenced, so no finalizer closes a socket the parent still
   uses) and builds its own on first use. With ``store=RedisStore(...)`` the children so form
   one fleet with the parent and each other.
-- A program that never calls ``close()`` still exits: the loop thread is a daemon, and an
-  ``atexit`` hook closes every twin still open in the exiting process.
+- A program that never calls ``close()`` still exits once its own threads have ended: the
+  loop thread is a daemon, and an ``atexit`` hook closes every twin still open in the
+  exiting process. Python runs that hook only after joining every non-daemon thread, so a
+  non-daemon thread waiting for a slot with no ``timeout`` keeps the program alive, as any
+  blocked thread does (deliberately not closed earlier: a thread pool may still be
+  finishing work the program handed it).
 """
 
 from __future__ import annotations
@@ -89,6 +93,10 @@ def _wait(future: Future[T]) -> T:
         raise
 
 
+#: seconds a call on a stopping twin waits for its loop thread to end
+STOP_JOIN = 5.0
+
+
 class _Runtime:
     """What one process runs for one twin: the loop thread (a portal) and the async gate.
 
@@ -127,7 +135,13 @@ class _Runtime:
         return _wait(self.portal.start_task_soon(fn))
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call ``fn(*args)`` on the loop thread; its result or exception here."""
+        """Call ``fn(*args)`` on the loop thread; its result or exception here. Once the
+        loop has stopped (the twin closed), here: nothing runs on it any more, and a slot
+        used after its block then gives its own error, not the portal's."""
+        if self.stopped:
+            self.thread.join(STOP_JOIN)
+            if not self.thread.is_alive():
+                return fn(*args)
         return self.portal.call(fn, *args)
 
     def stop(self, timeout: float | None) -> None:
@@ -360,7 +374,8 @@ class SyncCapacityGate:
     Nothing runs before first use; then an event loop thread runs the async gate, one per
     twin and process. After a fork the child starts its own (Celery's prefork pool, a gate
     made at import time), and with ``store=`` the children form one fleet. ``close()``
-    stops it all; a program that never calls it still exits normally.
+    stops it all; a program that never calls it still exits once its own threads have
+    ended (README, "Close at exit").
 
     ``client=``, if given, is an ``httpx.AsyncClient`` used on the gate's own event loop
     thread (so by this gate only), and never closed by it. It belongs to the process that
@@ -495,10 +510,7 @@ class SyncCapacityGate:
     @property
     def snapshot(self) -> Snapshot | None:
         """The latest snapshot, or ``None`` before the first poll."""
-        rt = self._running()
-        if rt is None:
-            return self._gate.snapshot
-        return rt.run_sync(lambda: rt.gate.snapshot)
+        return self._read(lambda gate: gate.snapshot)
 
     def slot(
         self,
@@ -707,10 +719,18 @@ class SyncCapacityGate:
 
     def statistics(self) -> GateStatistics:
         """What the gate is doing now, as a frozen :class:`GateStatistics`."""
-        rt = self._running()
+        return self._read(CapacityGate.statistics)
+
+    def _read(self, read: Callable[[CapacityGate], T]) -> T:
+        """``read(gate)`` on the loop thread while it runs; here before it starts, or once
+        it has stopped (a scrape during close() waits for the loop thread to end, not for a
+        loop that will never run the call)."""
+        with self._lock:
+            self._own()
+            rt = self._rt
         if rt is None:
-            return self._gate.statistics()
-        return rt.run_sync(rt.gate.statistics)
+            return read(self._gate)
+        return rt.run_sync(read, rt.gate)
 
     def close(self) -> None:
         """Close the gate: waiting threads get :class:`GateClosed`, and so do later calls.

@@ -91,6 +91,17 @@ def _need_clock() -> None:
 
 #: seconds a call from another thread waits for the gate's loop to run it
 ON_LOOP_TIMEOUT = 5.0
+#: ... looking every this many seconds whether that loop still runs
+ON_LOOP_SLICE = 0.05
+
+
+def _loop_alive(token: anyio.lowlevel.EventLoopToken) -> bool:
+    """Whether the loop of ``token`` still runs (trio's: taken as yes; a finished run
+    refuses new work when it is handed over)."""
+    native = token.native_token
+    if isinstance(native, asyncio.AbstractEventLoop):
+        return native.is_running() and not native.is_closed()
+    return True
 
 
 def _spawn_from_thread(
@@ -223,11 +234,15 @@ class Engine:
             _spawn_from_thread(loop[0], call, self._tasks)
         except RuntimeError:  # that loop is gone: nothing waits on this gate any more
             return None
-        try:
-            return done.result(timeout=ON_LOOP_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            log.warning("capgate.loop_unresponsive", service=self.service, call=fn.__name__)
-            return None
+        # in slices: a loop that stops meanwhile (its program ending) will never run it
+        for _ in range(round(ON_LOOP_TIMEOUT / ON_LOOP_SLICE)):
+            try:
+                return done.result(timeout=ON_LOOP_SLICE)
+            except concurrent.futures.TimeoutError:
+                if not _loop_alive(loop[0]):
+                    return None
+        log.warning("capgate.loop_unresponsive", service=self.service, call=fn.__name__)
+        return None
 
     # --- waiting ----------------------------------------------------------------------------
 
