@@ -1245,6 +1245,27 @@ async def test_repr_shows_live_state(make_gate):
         assert repr(slot) == "<capgate.Slot 'a@x.io' held>"
 
 
+async def test_repr_from_a_thread_survives_a_change_in_flight(make_gate, monkeypatch):
+    """A repr from another thread reads the state while the loop changes it: a read that
+    meets a change ("dictionary changed size during iteration") is tried again, and a repr
+    never raises (it says the state is changing)."""
+    from capgate._engine.waiting import DESCRIBE_TRIES, Engine
+
+    gate, _ = make_gate({A: 3})
+    real = Engine._describe
+    failures = iter(range(DESCRIBE_TRIES - 1))
+
+    def changing(self: Engine) -> str:
+        if next(failures, None) is not None:
+            raise RuntimeError("dictionary changed size during iteration")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "_describe", changing)
+    assert repr(gate) == "<CapacityGate ltxstudio: 0 reserved, 0 waiting, no snapshot>"
+    failures = iter(range(DESCRIBE_TRIES))
+    assert repr(gate) == "<CapacityGate ltxstudio: 0 waiting, state changing>"
+
+
 async def test_polling_continues_after_first_waiter_times_out(make_gate):
     """When the waiter that was polling gives up, another waiter takes polling over."""
     gate, fake = make_gate({A: 1})

@@ -93,6 +93,8 @@ def _need_clock() -> None:
 ON_LOOP_TIMEOUT = 5.0
 #: ... looking every this many seconds whether that loop still runs
 ON_LOOP_SLICE = 0.05
+#: reads of the gate's state for its repr, from another thread, before giving up
+DESCRIBE_TRIES = 3
 
 
 def _loop_alive(token: anyio.lowlevel.EventLoopToken) -> bool:
@@ -900,7 +902,17 @@ class Engine:
         return caps if caps is None or isinstance(caps, int) else caps.get(account)
 
     def describe(self) -> str:
-        """The body of the gate's repr."""
+        """The body of the gate's repr. From a thread that is not the loop's it reads the
+        state while the loop changes it, without waiting for the loop (a repr must not
+        block): a read that meets a change in flight is tried again."""
+        for _ in range(DESCRIBE_TRIES):
+            try:
+                return self._describe()
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
+        return f"{self._waiting} waiting, state changing"
+
+    def _describe(self) -> str:
         stats = self.statistics()
         now = now_or_none()
         view = self.store.view(now if now is not None else math.nan)
