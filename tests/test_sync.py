@@ -584,6 +584,25 @@ def test_ctrl_c_while_entering_gives_the_slot_back(server, gates, when, how):
             pass
 
 
+def test_a_refused_second_entry_keeps_the_first_holders_slot(server, gates):
+    """Entering one gate.slot() context twice is refused, and the refusal leaves the first
+    block's slot alone: it is settled when that block ends, and close() stops the loop
+    (found by a review: the refusal wiped the first entry's slot, which then stayed held)."""
+    gate = gates(server.fake.token, url=server.url, poll_interval=0.2, accounts=["b@x.io"])
+    ctx = gate.slot(timeout=5)
+    with ctx as slot:
+        with pytest.raises(RuntimeError, match="already entered"), ctx:
+            pass
+        slot.mark_submitted("first")
+    assert not slot.held
+    assert gate.statistics().held == 0
+    gate.close()
+    deadline = time.monotonic() + 10
+    while loop_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not loop_threads()
+
+
 def test_a_slot_used_after_close_gives_its_own_error(server, gates):
     """mark_submitted() on a slot whose block ended, after close(): the slot's own
     "already released", as while the loop runs (not "This portal is not running")."""

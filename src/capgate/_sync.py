@@ -287,25 +287,29 @@ class _SyncSlotContext:
         rt = self._gate._enter(self._rt)
         handoff = _Handoff()
         future: Future[Slot | None] | None = None
+        got: SyncSlot | None = None
         try:
             future = rt.portal.start_task_soon(self._enter_on_loop, handoff)
             slot = future.result()
             assert slot is not None  # noqa: S101 - only an abandoned entry returns None
-            self._slot = SyncSlot(rt, slot)
-            return self._slot  # noqa: TRY300 - inside: an interrupt before it is handled
+            got = self._slot = SyncSlot(rt, slot)
+            return got  # noqa: TRY300 - inside: an interrupt before it is handled
         except BaseException:
             # interrupted (Ctrl-C) anywhere in here, or the wait failed: whoever comes
             # second, this thread or the loop, hands back a slot the other took
-            self._slot = None
-            if handoff.abandon():  # granted and delivered: ours to hand back
-                with contextlib.suppress(Exception):
-                    rt.run(self._exit_on_loop)
-            elif future is not None:
-                future.cancel()  # a wait still pending stops waiting
-            elif handoff.scope is not None:  # interrupted while the task was started
-                with contextlib.suppress(Exception):
-                    rt.run_sync(handoff.scope.cancel)
-            self._gate._leave(rt)
+            try:
+                if got is not None and self._slot is got:
+                    self._slot = None  # only this entry's: a refused re-entry keeps the first
+                if handoff.abandon():  # granted and delivered: ours to hand back
+                    with contextlib.suppress(Exception):
+                        rt.run(self._exit_on_loop)
+                elif future is not None:
+                    future.cancel()  # a wait still pending stops waiting
+                elif handoff.scope is not None:  # interrupted while the task was started
+                    with contextlib.suppress(Exception):
+                        rt.run_sync(handoff.scope.cancel)
+            finally:
+                self._gate._leave(rt)
             raise
 
     async def _enter_on_loop(self, handoff: _Handoff) -> Slot | None:
