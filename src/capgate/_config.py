@@ -94,12 +94,16 @@ def number(name: str, value: object, *, minimum: float, inclusive: bool = False)
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
     try:
         result = float(value)
-    except OverflowError:  # an int beyond any float: as not finite
-        result = math.inf
+    except OverflowError:  # an int beyond any float: not finite, and too long to print
+        raise _not_finite(name, minimum, inclusive, "an int too large for a float") from None
     if not math.isfinite(result) or result < minimum or (result == minimum and not inclusive):
-        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise _not_finite(name, minimum, inclusive, repr(value))
     return result
+
+
+def _not_finite(name: str, minimum: float, inclusive: bool, shown: str) -> ValueError:
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    return ValueError(f"{name} must be a finite number {bound}, got {shown}")
 
 
 def account_name(value: object, what: str) -> str:
