@@ -201,6 +201,41 @@ def test_a_scrape_from_a_thread_does_not_wait_out_a_loop_that_stopped():
         loop.close()
 
 
+def test_a_loop_that_refuses_the_call_neither_crashes_nor_keeps_the_thread(monkeypatch):
+    """A trio run that is ending refuses new system tasks ("Nursery is closed"): a call
+    from a thread then returns at once, and the run is not crashed with TrioInternalError
+    (found by a review, scraping statistics() while trio.run() ended)."""
+    trio = pytest.importorskip("trio")
+    import httpx
+
+    from capgate import CapacityGate
+    from capgate._engine import waiting
+    from capgate.testing import FakeScheduler
+
+    def closed(fn: object, tasks: object) -> None:
+        raise RuntimeError("Nursery is closed to new arrivals")
+
+    fake = FakeScheduler({A: 1}, service="kling")
+    took: list[float] = []
+
+    async def main() -> None:
+        gate = CapacityGate(
+            fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
+        )
+        await gate.refresh()
+        monkeypatch.setattr(waiting, "_spawn", closed)
+
+        def scrape() -> None:
+            started = time.monotonic()
+            assert gate.statistics().polls == 1
+            took.append(time.monotonic() - started)
+
+        await trio.to_thread.run_sync(scrape)
+
+    trio.run(main)
+    assert took[0] < waiting.ON_LOOP_TIMEOUT / 5
+
+
 async def test_quarantine_from_a_thread_before_the_gate_was_used(make_gate):
     """A gate built in async code takes quarantine() from a thread before its first wait."""
     gate, _ = make_gate({A: 1})

@@ -110,18 +110,27 @@ def _spawn_from_thread(
     token: anyio.lowlevel.EventLoopToken,
     fn: Callable[[], Coroutine[Any, Any, None]],
     tasks: set[Any],
+    refused: Callable[[], object],
 ) -> None:
-    """Start ``fn()`` as a task on the loop of ``token``, from another thread, not waiting.
+    """Start ``fn()`` as a task on the loop of ``token``, from another thread, not waiting;
+    ``refused()`` is called on that loop if it is ending and takes no new task.
 
     Raises:
         RuntimeError: That loop is closed.
     """
+
+    def start() -> None:
+        try:
+            _spawn(fn, tasks)
+        except RuntimeError:  # trio: "Nursery is closed to new arrivals" as the run ends
+            refused()  # (raised here, it would crash the run with TrioInternalError)
+
     native = token.native_token
     if isinstance(native, asyncio.AbstractEventLoop):
-        native.call_soon_threadsafe(lambda: _spawn(fn, tasks))
+        native.call_soon_threadsafe(start)
     else:  # trio's token (RunFinishedError is a RuntimeError)
         run_sync_soon: Callable[[Callable[[], None]], None] = getattr(native, "run_sync_soon")  # noqa: B009
-        run_sync_soon(lambda: _spawn(fn, tasks))
+        run_sync_soon(start)
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -233,14 +242,18 @@ class Engine:
                 done.set_exception(exc)
 
         try:
-            _spawn_from_thread(loop[0], call, self._tasks)
+            _spawn_from_thread(loop[0], call, self._tasks, done.cancel)
         except RuntimeError:  # that loop is gone: nothing waits on this gate any more
             return None
         # in slices: a loop that stops meanwhile (its program ending) will never run it
         for _ in range(round(ON_LOOP_TIMEOUT / ON_LOOP_SLICE)):
             try:
                 return done.result(timeout=ON_LOOP_SLICE)
+            except concurrent.futures.CancelledError:  # the ending loop refused the task
+                return None
             except concurrent.futures.TimeoutError:
+                if done.done():
+                    raise  # fn's own TimeoutError (a SlotTimeout is one), not the wait's
                 if not _loop_alive(loop[0]):
                     return None
         log.warning("capgate.loop_unresponsive", service=self.service, call=fn.__name__)
