@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -138,67 +138,54 @@ def test_a_gate_used_in_a_second_event_loop_takes_calls_from_threads_there(monke
     assert anyio.run(one_run, "job-2") == 0
 
 
-def test_a_call_from_a_thread_returns_when_the_loop_has_stopped(monkeypatch):
-    """A loop that stopped without closing never runs the call: the thread gives up, bounded."""
+@pytest.fixture
+def stopped_gate() -> Iterator[Any]:
+    """A gate that polled once on an asyncio loop which has stopped since, not closed (a
+    program ending): that loop will never run a call handed to it."""
     import asyncio
 
     import httpx
 
     from capgate import CapacityGate
-    from capgate._engine import waiting
     from capgate.testing import FakeScheduler
 
-    monkeypatch.setattr(waiting, "ON_LOOP_TIMEOUT", 0.2)
     fake = FakeScheduler({A: 1}, service="kling")
     loop = asyncio.new_event_loop()
+
+    async def build() -> CapacityGate:
+        gate = CapacityGate(
+            fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
+        )
+        await gate.refresh()
+        return gate
+
     try:
-
-        async def build() -> CapacityGate:
-            gate = CapacityGate(
-                fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
-            )
-            await gate.refresh()
-            return gate
-
-        gate = loop.run_until_complete(build())  # the loop is stopped now, not closed
-        started = time.monotonic()
-        in_thread(0.0, gate.invalidate).join(timeout=5)
-        assert time.monotonic() - started < 2.0
+        yield loop.run_until_complete(build())
     finally:
         loop.close()
 
 
-def test_a_scrape_from_a_thread_does_not_wait_out_a_loop_that_stopped():
+def test_a_call_from_a_thread_returns_when_the_loop_has_stopped(stopped_gate, monkeypatch):
+    """A loop that stopped without closing never runs the call: the thread gives up, bounded."""
+    from capgate._engine import waiting
+
+    monkeypatch.setattr(waiting, "ON_LOOP_TIMEOUT", 0.2)
+    started = time.monotonic()
+    in_thread(0.0, stopped_gate.invalidate).join(timeout=5)
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_scrape_from_a_thread_does_not_wait_out_a_loop_that_stopped(stopped_gate):
     """statistics() from a thread while the gate's loop has stopped (its program ending,
     close() of a sync twin): answered at once from the gate's state, not after waiting
     ON_LOOP_TIMEOUT for a loop that will never run the call (found by a review: 5 s)."""
-    import asyncio
-
-    import httpx
-
-    from capgate import CapacityGate
     from capgate._engine import waiting
-    from capgate.testing import FakeScheduler
 
-    fake = FakeScheduler({A: 1}, service="kling")
-    loop = asyncio.new_event_loop()
-    try:
-
-        async def build() -> CapacityGate:
-            gate = CapacityGate(
-                fake.token, service="kling", client=httpx.AsyncClient(transport=fake.transport())
-            )
-            await gate.refresh()
-            return gate
-
-        gate = loop.run_until_complete(build())  # the loop is stopped now, not closed
-        got: list[Any] = []
-        started = time.monotonic()
-        in_thread(0.0, lambda: got.append(gate.statistics())).join(timeout=10)
-        assert time.monotonic() - started < waiting.ON_LOOP_TIMEOUT / 5
-        assert got[0].polls == 1
-    finally:
-        loop.close()
+    got: list[Any] = []
+    started = time.monotonic()
+    in_thread(0.0, lambda: got.append(stopped_gate.statistics())).join(timeout=10)
+    assert time.monotonic() - started < waiting.ON_LOOP_TIMEOUT / 5
+    assert got[0].polls == 1
 
 
 def test_a_loop_that_refuses_the_call_neither_crashes_nor_keeps_the_thread(monkeypatch):
