@@ -1,11 +1,19 @@
-"""The engine's cheap reads of the running loop agree with anyio's."""
+"""The engine's cheap reads of the running loop agree with anyio's; a gate carries on when
+it moves to another loop (a second ``trio.run()``, or ``asyncio.run()`` after trio)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+from collections.abc import Awaitable, Callable
+
 import anyio
+import httpx
 import pytest
 
-from capgate._engine.loop import checkpoint, current_time, loop_marker
+from capgate import CapacityGate
+from capgate._engine.loop import checkpoint, continued, current_time, loop_marker
+from capgate.testing import FakeScheduler, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -72,3 +80,87 @@ def test_loop_marker_differs_between_runs():
 
 async def _marker() -> object:
     return loop_marker()
+
+
+class _Clock:
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at
+
+
+def test_continued_carries_on_from_the_old_clocks_present():
+    old, new = _Clock(100_000.0), _Clock(5.0)
+    now = continued(new, old)
+    assert now() == 100_000.0
+    new.at += 2.5
+    assert now() == 100_002.5  # the new clock's pace from the old one's present
+
+
+def test_continued_is_the_new_clock_itself_on_the_first_loop_and_on_the_same_clock():
+    new = _Clock(5.0)
+    assert continued(new, None) is new
+    assert continued(new, _Clock(5.0 + 1e-6)) is new  # asyncio after asyncio: one clock
+
+
+def test_continued_takes_an_unreadable_old_clock_as_no_shift():
+    def gone() -> float:
+        raise RuntimeError("no running event loop")
+
+    new = _Clock(5.0)
+    assert continued(new, gone) is new
+
+
+Runner = Callable[[Callable[[], Awaitable[None]]], object]
+
+
+def _grants_on_each_run(gate: CapacityGate, runs: list[Runner]) -> None:
+    """One acquire+release in each event loop run, each within 20 seconds of its loop."""
+
+    async def once() -> None:
+        with anyio.fail_after(20):
+            async with gate.slot():
+                pass
+
+    for run in runs:
+        run(once)
+
+
+def test_a_gate_used_in_a_second_trio_run_polls_on_that_runs_clock():
+    """The first run's clock stood at a day, the second's starts at zero: the snapshot of
+    the first is not taken for one from the future, good for another day."""
+    trio = pytest.importorskip("trio")
+    fake = FakeScheduler({"a@x.io": 1}, service="kling")
+    client = httpx.AsyncClient(transport=fake.transport())
+    gate = CapacityGate(fake.token, service="kling", client=client, poll_interval=5)
+
+    def later_in_the_day(fn: Callable[[], Awaitable[None]]) -> None:
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        clock.jump(86_400)
+        trio.run(fn, clock=clock)
+
+    def at_dawn(fn: Callable[[], Awaitable[None]]) -> None:
+        trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    _grants_on_each_run(gate, [later_in_the_day, at_dawn])
+    assert fake.polls == 2  # a fresh answer in each run, neither served from the other's
+
+
+# the first run's connection cannot be closed from the second run's loop: the collector
+# closes it, with the ResourceWarning Python gives any socket it closes
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_gate_moved_from_trio_to_asyncio_makes_itself_a_new_client():
+    """The client the gate made holds trio's connections: on asyncio it needs its own."""
+    trio = pytest.importorskip("trio")
+    fake = FakeScheduler({"a@x.io": 1}, service="kling")
+    with serve(fake) as url:
+        gate = CapacityGate(fake.token, service="kling", url=url, poll_interval=0.2)
+
+        async def then_close(fn: Callable[[], Awaitable[None]]) -> None:
+            await fn()
+            await gate.aclose()
+
+        _grants_on_each_run(gate, [trio.run, lambda fn: asyncio.run(then_close(fn))])
+        gc.collect()  # here, not in a later test: the first run's connection
+        assert fake.polls == 2

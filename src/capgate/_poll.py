@@ -253,13 +253,18 @@ async def fetch_snapshot(
 
 
 async def fetch_capacity(
-    client: httpx.AsyncClient, config: GateConfig, *, timeout: float
+    client: httpx.AsyncClient,
+    config: GateConfig,
+    *,
+    timeout: float,
+    clock: Callable[[], float] = anyio.current_time,
 ) -> tuple[Snapshot, list[SkippedRow]]:
     """One poll of a gate's capacity source: every endpoint due, read and parsed.
 
     The source (``config.service.source``) decides which endpoints to read; this function
     sends them (only to the configured origins, the token in a header) and maps every
-    failure, as :func:`fetch_snapshot` does. ``timeout`` bounds the whole poll.
+    failure, as :func:`fetch_snapshot` does. ``timeout`` bounds the whole poll; ``clock``
+    times it (the gate's, on which the snapshot's instants are read).
 
     Raises:
         AuthenticationError: 401 or 403 on any endpoint, or a body saying so.
@@ -274,7 +279,7 @@ async def fetch_capacity(
     )
     secret = config.token
     main, root = spec.source.path, config.api_root
-    requested_at = anyio.current_time()
+    requested_at = clock()
 
     async def get(path: str) -> Any:
         if path == main:
@@ -304,7 +309,7 @@ async def fetch_capacity(
         accounts=tuple(accounts),
         executing=tuple(result.executing),
         requested_at=requested_at,
-        received_at=anyio.current_time(),
+        received_at=clock(),
         skipped=len(skipped),
     )
     return snapshot, skipped

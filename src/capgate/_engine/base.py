@@ -199,6 +199,14 @@ class Store(Protocol):
     #: not exchange for it at all.
     in_process: bool
 
+    def bind(self, clock: Callable[[], float]) -> None:
+        """The core runs on an event loop: its first, or a new one after the last stopped.
+
+        From now on read the time from ``clock``: the loop's, carried on from the old
+        loop's present (:func:`~capgate._engine.loop.continued`), so every instant the store
+        keeps stays valid. Leave behind what belonged to the old loop (a lock).
+        """
+
     def view(self, now: float) -> StoreView:
         """What the store holds now (``now`` is NaN outside the event loop, for reprs)."""
 

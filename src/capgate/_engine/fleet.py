@@ -362,6 +362,7 @@ class FleetStore:
         )
         self._owner = uuid.uuid4().hex
         self._clock = clock  # conformance tests only: a virtual time for the scripts
+        self._now: Callable[[], float] = anyio.current_time  # the core's (bind)
         self._fixed = {
             "grace": redis_store.recovery_grace,
             "idle": redis_store.idle_ttl,
@@ -422,6 +423,10 @@ class FleetStore:
         except BaseException:
             redis_store._detach()
             raise
+
+    def bind(self, clock: Callable[[], float]) -> None:
+        self._now = clock
+        self._exchange_lock = None  # made again on this loop, by the next exchange
 
     def _join(self, named: dict[str, Any] | None = None) -> None:
         """Check this gate's configuration against its fleet's (blocking; raises on a mismatch)."""
@@ -551,7 +556,7 @@ class FleetStore:
         return error, state.auth_age + state.since(now), state.auth_at
 
     def _apply_state(self, data: dict[str, Any]) -> None:
-        now = anyio.current_time()
+        now = self._now()
         state = _State(data, now)
         snap = data.get("snap")
         if isinstance(snap, str):
@@ -625,7 +630,7 @@ class FleetStore:
             if data.get("epoch") != self._joined:
                 self._joined = None  # Redis lost its data: store our configuration again
             self._apply_state(data)
-            now = anyio.current_time()
+            now = self._now()
             grants: list[tuple[Waiter, Lease]] = []
             by_id = {w.wid: w for w in waiters}
             length = self._rs.heartbeat_ttl - self._rs.renew_interval
@@ -752,7 +757,7 @@ class FleetStore:
             return max(float(begin.get("wait", 0.0)), 0.005)
         return PollTicket(
             int(begin["tick"]),
-            anyio.current_time(),
+            self._now(),
             token=token,
             server_sent=str(begin["sent"]),
             failures=int(begin.get("failures", 0)),
@@ -867,7 +872,7 @@ class FleetStore:
             named["model"] = model
         self._record("quarantine", **named)
         # in force here at once; the next exchange brings the fleet's view
-        spent = self._state.since(anyio.current_time())
+        spent = self._state.since(self._now())
         if model is None:
             self._state.quar[account] = (seconds + spent, reason)
         else:

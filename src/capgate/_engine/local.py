@@ -34,7 +34,8 @@ class MemoryStore:
         self._config = config
         self._service = config.service.name
         self._allow = config.allow
-        self._ledger = Ledger(current_time, max_jobs=config.max_jobs)
+        self._clock: Callable[[], float] = current_time
+        self._ledger = Ledger(lambda: self._clock(), max_jobs=config.max_jobs)
         self._rr_last: str | None = None
         self._fresh_until = -math.inf
         self._next_poll_at = -math.inf
@@ -51,6 +52,9 @@ class MemoryStore:
         self._ends: Mapping[str, list[float]] = {}
         self._ends_of: Snapshot | None = None
         self.holding = False  # the last pass left a free slot for a faster one
+
+    def bind(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
 
     # --- the view -----------------------------------------------------------------------
 
@@ -269,7 +273,7 @@ class MemoryStore:
         return grants
 
     async def exchange(self, queue: Callable[[], Iterable[Waiter]]) -> list[tuple[Waiter, Lease]]:
-        return self.dispatch(queue(), current_time())
+        return self.dispatch(queue(), self._clock())
 
     async def wait(self, waiter: Waiter, timeout: float) -> None:
         await waiter.sleep(timeout)
@@ -292,7 +296,7 @@ class MemoryStore:
         return math.inf if expiry is None else expiry - now
 
     async def begin_poll(self, *, force: bool) -> PollTicket | float:
-        now = current_time()
+        now = self._clock()
         self._in_flight = True
         self._invalidated_in_flight = False
         self._last_sent = now
@@ -319,7 +323,7 @@ class MemoryStore:
         self, ticket: PollTicket, error: PollError | AuthenticationError, u: float
     ) -> float:
         self._in_flight = False
-        now = current_time()
+        now = self._clock()
         self._polls_failed += 1
         self._last_error = str(error)
         interval = self._config.poll_interval
@@ -362,7 +366,7 @@ class MemoryStore:
     def quarantine(
         self, account: str, seconds: float, reason: str, model: str | None = None
     ) -> None:
-        until = current_time() + seconds
+        until = self._clock() + seconds
         if model is None:
             self._ledger.quarantine(account, until, reason)
         else:
@@ -374,7 +378,7 @@ class MemoryStore:
     def invalidate(self) -> None:
         if self._failures:
             return  # never inside a backoff after a failed poll
-        now = current_time()
+        now = self._clock()
         last = self._fresh_until if self._last_sent is None else self._last_sent
         soonest = max(now, last + INVALIDATE_FLOOR)
         self._next_poll_at = min(self._next_poll_at, soonest)

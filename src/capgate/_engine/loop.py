@@ -13,6 +13,7 @@ about six times (``benchmarks/README.md``, the hot path). Everything else goes t
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ __all__ = [
     "checkpoint",
     "checkpoint_if_cancelled",
     "clock",
+    "continued",
     "current_time",
     "event",
     "loop_marker",
@@ -90,6 +92,37 @@ def clock() -> Callable[[], float]:
     if loop is not None:
         return loop.time
     return anyio.current_time
+
+
+#: a shift smaller than this between two loops' clocks is none (asyncio's are the same clock)
+CLOCK_SLACK = 1e-3
+
+
+def continued(new: Callable[[], float], old: Callable[[], float] | None) -> Callable[[], float]:
+    """``new``, a loop's clock, shifted to carry on from ``old``'s present.
+
+    Each event loop keeps its own time: asyncio's is ``time.monotonic()``, a trio run's
+    starts at a random offset (hours from the next run's) or at a test's ``MockClock``. A
+    gate moved from one loop to another (two ``trio.run()`` in a row, or a trio run and then
+    ``asyncio.run()``) keeps timestamps of the first: read on the second loop's own clock
+    they would lie hours ahead or behind, and the gate would wait for a poll hours away. So
+    the gate reads the new loop's clock shifted by the difference between the two at the
+    move; its time runs on without a jump. A stopped loop's clock can still be read (asyncio's
+    and trio's, ``MockClock`` too); one that cannot is taken as no shift.
+    """
+    if old is None:
+        return new
+    try:
+        shift = old() - new()
+    except Exception:  # noqa: BLE001 - a clock that needs its loop: nothing to carry on
+        return new
+    if abs(shift) < CLOCK_SLACK or not math.isfinite(shift):
+        return new
+
+    def shifted() -> float:
+        return new() + shift
+
+    return shifted
 
 
 class Event(Protocol):

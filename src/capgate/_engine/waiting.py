@@ -60,7 +60,14 @@ from .._poll import fetch_capacity
 from .base import Lease, PollTicket, Store, Waiter
 from .forecast import Forecast
 from .ledger import row_limit
-from .loop import checkpoint, checkpoint_if_cancelled, clock, current_time, loop_marker
+from .loop import (
+    checkpoint,
+    checkpoint_if_cancelled,
+    clock,
+    continued,
+    current_time,
+    loop_marker,
+)
 
 __all__ = ["Engine"]
 
@@ -218,7 +225,14 @@ class Engine:
         loop = self._loop
         if loop is None or loop[2] is not marker:
             self._loop = (anyio.lowlevel.current_token(), threading.get_ident(), marker)
-            self._now = clock()
+            # a new loop's clock, carried on from the old one's present: the instants the
+            # gate keeps stay valid (loop.py, continued())
+            self._now = continued(clock(), None if loop is None else self._now)
+            self.store.bind(self._now)
+            if loop is not None and self._owns_client:
+                # its pooled connections belong to the old loop (trio's fail on asyncio):
+                # a fresh client, and the old one left to the collector, unclosable here
+                self._client = httpx.AsyncClient(follow_redirects=False)
 
     def on_loop(self, fn: Callable[..., T], *args: Any) -> T | None:
         """Run ``fn(*args)`` on the gate's event loop, from whatever thread calls.
@@ -231,6 +245,9 @@ class Engine:
         nothing; ``quarantine`` needs a clock and raises ``RuntimeError``).
         """
         loop = self._loop
+        if loop is None and now_or_none() is not None:
+            self._bind_loop()  # called on a loop: the gate's from now on, its clock too
+            loop = self._loop
         if loop is None or loop[1] == threading.get_ident():
             return fn(*args)
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -365,7 +382,7 @@ class Engine:
             await waiter.sleep()
             return
         store = self.store
-        now = current_time()
+        now = self._now()
         wait = min(store.next_change_in(now), self._expect(now) - now)
         if waiter.lease is not None or waiter.error is not None:
             return  # granted a probe's slot just now
@@ -381,7 +398,7 @@ class Engine:
                 wait = min(wait, due)
         if waiter.lease is None and waiter.error is None:
             await store.wait(waiter, max(wait, 0.0))
-            self._expect(current_time())
+            self._expect(self._now())
         await self._exchange()
 
     def _expect(self, now: float) -> float:
@@ -489,7 +506,7 @@ class Engine:
         """Fail waiters on a refused token, or when every account they may use is out."""
         if not self._waiting:
             return
-        now = current_time()
+        now = self._now()
         store = self.store
         auth = store.auth_failure(now)
         if auth is not None and auth[2] != self._auth_seen:
@@ -624,7 +641,7 @@ class Engine:
         """One pass over the queue: grant every waiter it can, in service order."""
         if not self._waiting or self.closed:
             return
-        grants = self.store.dispatch(self._iter_waiters(), current_time())
+        grants = self.store.dispatch(self._iter_waiters(), self._now())
         for waiter, lease in grants:
             self._grant(waiter, lease)
 
@@ -671,7 +688,7 @@ class Engine:
             reason=reason,
             model=model,
         )
-        now = current_time()
+        now = self._now()
         out = self.store.quarantined(now)
         for waiter in list(self._iter_waiters()):
             mine = out if waiter.model is None else self._out(now, waiter.model)
@@ -752,7 +769,7 @@ class Engine:
                 # the service's capacity source reads what is due (config.token is a
                 # Secret: no traceback local shows it)
                 snapshot, skipped = await fetch_capacity(
-                    self._client, config, timeout=config.poll_timeout
+                    self._client, config, timeout=config.poll_timeout, clock=self._now
                 )
             except CapacityGateError:
                 raise
@@ -796,7 +813,7 @@ class Engine:
                 index=row.index,
                 reason=row.reason,
             )
-        view = store.view(current_time())
+        view = store.view(self._now())
         for account, cap in view.caps.items():
             if cap is not None:
                 self._caps_seen[account] = cap
@@ -835,7 +852,7 @@ class Engine:
     async def _await_fleet_snapshot(self) -> Snapshot:
         """Another process holds the poll: wait for its answer (or its failure)."""
         store = self.store
-        now = current_time()
+        now = self._now()
         before = store.view(now)
         deadline = now + self.config.poll_timeout + LOCK_MARGIN
         listener = Waiter("refresh", 0, 0, None, now)
@@ -843,12 +860,12 @@ class Engine:
             self.check_open()
             await store.wait(listener, 0.25)
             await self._exchange()
-            view = store.view(current_time())
+            view = store.view(self._now())
             if view.sent_tick > before.sent_tick and view.snapshot is not None:
                 return view.snapshot
             if view.polls_failed > before.polls_failed and view.last_error:
                 raise PollError(view.last_error)
-            if current_time() > deadline:
+            if self._now() > deadline:
                 raise PollError(f"{self.service}: no snapshot from the fleet's poller")
 
     # --- the view ---------------------------------------------------------------------------
@@ -858,8 +875,12 @@ class Engine:
         """Whether a poll is in flight."""
         return self._inflight is not None
 
+    def _now_or_none(self) -> float | None:
+        """The gate's time inside an event loop, else ``None`` (for reprs)."""
+        return None if now_or_none() is None else self._now()
+
     def statistics(self) -> GateStatistics:
-        now = now_or_none()
+        now = self._now_or_none()
         view = self.store.view(now) if now is not None else self.store.view(math.nan)
         rows, capacity, free_total = account_statistics(
             view.snapshot,
@@ -927,7 +948,7 @@ class Engine:
 
     def _describe(self) -> str:
         stats = self.statistics()
-        now = now_or_none()
+        now = self._now_or_none()
         view = self.store.view(now if now is not None else math.nan)
         if stats.snapshot_age is None and view.snapshot is None:
             body = f"{stats.reserved} reserved, {stats.waiting} waiting, no snapshot"
@@ -948,6 +969,7 @@ class Engine:
     async def aclose(self) -> None:
         if self.closed:
             return
+        self._bind_loop()  # closing on another loop than the last: that loop's client
         self.closed = True
         for waiter in list(self._iter_waiters()):
             self._fail(waiter, GateClosed(f"{self.service}: the gate is closed"))
