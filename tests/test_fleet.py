@@ -372,6 +372,29 @@ async def test_invalidate_brings_the_fleets_next_poll_forward(make_gate, fake_ur
     assert got[0] < 2.0
 
 
+async def test_invalidate_storm_during_slow_answers_still_grants(make_gate, fake_url) -> None:
+    """Regression: with answers slower than the 0.5 s floor, an answer whose poll a callback
+    invalidated in flight was stale on arrival, so callbacks every 0.4 s starved the waiters
+    while the fleet polled without pause."""
+    fake, url = fake_url
+    fake.latency = 0.6
+    gate = make_gate(url, poll_interval=5.0)
+    waited: list[float] = []
+
+    async def storm() -> None:
+        while True:
+            await anyio.sleep(0.4)
+            gate.invalidate()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(storm)
+        async with gate.slot(timeout=8) as slot:
+            waited.append(slot.waited)
+        tg.cancel_scope.cancel()
+    assert waited[0] < 2.0  # the first answer serves
+    assert fake.polls <= 2
+
+
 async def test_token_never_reaches_keys_or_logs(make_gate, fake_url, namespace) -> None:
     """The token is in no Redis key, value or log line."""
     fake, url = fake_url

@@ -1014,3 +1014,23 @@ async def test_invalidate_during_a_poll_in_flight_is_not_lost(make_gate):
             assert slot.waited < 5.0
         tg.cancel_scope.cancel()
     assert fake.polls == 2
+
+
+@pytest.mark.trio_only
+async def test_invalidate_storm_during_slow_answers_still_grants(make_gate):
+    """Regression: with answers slower than the 0.5 s floor, an answer whose poll a callback
+    invalidated in flight was stale on arrival; callbacks every 0.4 s starved every waiter
+    while the gate polled without pause."""
+    gate, fake = make_gate({A: 5}, poll_interval=5.0, latency=0.6)
+
+    async def storm() -> None:
+        while True:
+            await anyio.sleep(0.4)
+            gate.invalidate()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(storm)
+        async with gate.slot(timeout=30) as slot:
+            assert slot.waited < 1.0  # the first answer serves
+        tg.cancel_scope.cancel()
+    assert fake.polls == 1

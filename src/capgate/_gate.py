@@ -506,7 +506,9 @@ class CapacityGate:
         in a sync web framework): from a thread other than the gate's event loop it runs on
         that loop. The current snapshot stops serving grants; if anyone waits, the next poll
         starts now, but never sooner than 0.5 s after the previous one (and never inside a
-        backoff after a failed poll).
+        backoff after a failed poll). The answer of a poll already on its way still serves
+        when it lands (an ended job only frees room) and the next poll follows it within
+        the 0.5 s.
 
         Args:
             job_id: The job that ended, from its ``replyUrl`` callback, when known. Once

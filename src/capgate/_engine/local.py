@@ -310,10 +310,14 @@ class MemoryStore:
         # still the newest there is, and must serve the waiters (else they starve, polling)
         self._fresh_until = snapshot.received_at + spacing
         if self._invalidated_in_flight:
+            # the news came after this request went: poll again soon, but let the answer
+            # serve meanwhile. A job that ended only frees room, so it counts too few free
+            # slots, never too many; and with an answer slower than the floor, ending its
+            # service at once left every answer stale on arrival while callbacks kept coming
+            # (the waiters starved, the gate polled without pause)
             self._invalidated_in_flight = False
             soonest = max(snapshot.received_at, ticket.sent + INVALIDATE_FLOOR)
             self._next_poll_at = min(self._next_poll_at, soonest)
-            self._fresh_until = min(self._fresh_until, soonest)
         self._polls += 1
         self._failures = 0
         self._last_error = None

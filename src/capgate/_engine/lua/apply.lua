@@ -25,10 +25,10 @@ if st > mget('sent_tick', 0) then
     'fresh_until', NOW + A.spacing, 'next_poll_at', sent + A.spacing, 'failures', 0)
   if redis.call('HDEL', M, 'inval') == 1 then
     -- invalidated while this poll was in flight: its answer must not push the next poll
-    -- back to a full interval
+    -- back to a full interval, but it serves meanwhile (an ended job only frees room; a
+    -- stale answer would starve the waiters of a slow service while callbacks come)
     local soonest = math.max(NOW, sent + A.floor)
-    redis.call('HSET', M, 'next_poll_at', math.min(sent + A.spacing, soonest),
-      'fresh_until', math.min(NOW + A.spacing, soonest))
+    redis.call('HSET', M, 'next_poll_at', math.min(sent + A.spacing, soonest))
   end
   redis.call('HDEL', M, 'last_error', 'auth_at', 'auth_msg', 'auth_status')
   redis.call('HINCRBY', M, 'polls', 1)
