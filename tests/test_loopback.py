@@ -142,3 +142,15 @@ async def test_oversized_answer_is_a_failed_poll(served):
             async with gate.slot():
                 pass
         assert gate.statistics().polls_failed == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # real seconds: one backend is enough
+async def test_the_gates_own_client_waits_out_poll_timeout_not_httpxs_5_s(served):
+    """Regression: the gate's own client kept httpx's 5 s default timeout, so an answer
+    taking 5-30 s failed every poll though ``poll_timeout`` (30 s) allowed it."""
+    fake, url = served
+    fake.latency = 5.5
+    gate = CapacityGate(fake.token, url=url, poll_interval=P)
+    async with aclosing(gate):
+        snapshot = await gate.refresh()
+    assert snapshot.accounts

@@ -265,8 +265,9 @@ class CapacityGate:
             on loopback.
         url: The capacity endpoint itself (``…/scheduler/available``), for a proxy that
             serves it under another path.
-        client: Your ``httpx.AsyncClient``; the gate does not close it. By default the gate
-            makes one and closes it in :meth:`aclose`.
+        client: Your ``httpx.AsyncClient``; the gate does not close it, and its timeouts
+            apply within ``poll_timeout``. By default the gate makes one (with no timeout
+            of its own: ``poll_timeout`` bounds each poll) and closes it in :meth:`aclose`.
         poll_interval: Seconds between polls while anyone waits (plus up to ``jitter``).
         accounts: Only ever grant these accounts; for ``first_fit`` also their order.
         max_jobs: A local cap per account (an int for all, or a mapping), applied as

@@ -34,10 +34,4 @@ def make_engine(config: GateConfig, store: Any, client: httpx.AsyncClient | None
         if not callable(opener):
             raise TypeError(f"store must be a capgate.redis.RedisStore, not {type(store).__name__}")
         backend = opener(config)
-    owns = client is None
-    return Engine(
-        config,
-        backend,
-        httpx.AsyncClient(follow_redirects=False) if client is None else client,
-        owns_client=owns,
-    )
+    return Engine(config, backend, client)

@@ -88,6 +88,12 @@ def now_or_none() -> float | None:
         return None
 
 
+def _own_client() -> httpx.AsyncClient:
+    """The client a gate makes for itself. No timeout of its own: ``poll_timeout`` bounds
+    each poll as a whole (``_poll``), where httpx's default would cut it at 5 s."""
+    return httpx.AsyncClient(follow_redirects=False, timeout=None)  # noqa: S113 - see above
+
+
 def _need_clock() -> None:
     if now_or_none() is None:
         raise RuntimeError(
@@ -182,15 +188,13 @@ class _Inflight:
 class Engine:
     """The waiting core over one store (internal; the facade's only collaborator)."""
 
-    def __init__(
-        self, config: GateConfig, store: Store, client: httpx.AsyncClient, *, owns_client: bool
-    ) -> None:
+    def __init__(self, config: GateConfig, store: Store, client: httpx.AsyncClient | None) -> None:
         self.config = config
         self.service = config.service.name
         self.store = store
         self.rng = random.Random()
-        self._client = client
-        self._owns_client = owns_client
+        self._owns_client = client is None  # then ours to make (per loop) and to close
+        self._client = _own_client() if client is None else client
         self._queues: dict[int, dict[Waiter, None]] = {}
         self._waiting = 0
         self._model_waiters = 0  # waiters for one model: they must be checked one by one
@@ -232,7 +236,7 @@ class Engine:
             if loop is not None and self._owns_client:
                 # its pooled connections belong to the old loop (trio's fail on asyncio):
                 # a fresh client, and the old one left to the collector, unclosable here
-                self._client = httpx.AsyncClient(follow_redirects=False)
+                self._client = _own_client()
 
     def on_loop(self, fn: Callable[..., T], *args: Any) -> T | None:
         """Run ``fn(*args)`` on the gate's event loop, from whatever thread calls.
