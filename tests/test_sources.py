@@ -376,3 +376,133 @@ async def test_rare_endpoints_are_read_rarely(anyio_backend):
         await gate.aclose()
     assert paths.count("/v1/luma/accounts") == 2
     assert paths.count("/v1/luma/jobs") == 4
+
+
+# --- answers that must not read as free slots (each found by a review, failing before) -----
+
+DREAMINA_CAPS = {"accounts": {"US:a@x.io": {}}, "accounts/US:a@x.io": {"maxJobs": 2}}
+LUMA_CAPS = {"accounts": {"a@x.io": {"concurrency": 2}}}
+
+
+async def _read(name: str, bodies: dict[str, Any], max_jobs: int | None = None) -> Any:
+    from capgate._sources import ReadContext
+
+    spec = get_service(name)
+    return await spec.source.read(_fake_get(bodies), ReadContext(spec, max_jobs, None), 0)
+
+
+def _rows(reading: Any) -> dict[str, tuple[int, int]]:
+    return {r.account: (r.max_jobs, r.executing) for r in reading.accounts}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("body", [None, {}, {"message": "maintenance"}], ids=repr)
+@pytest.mark.parametrize(
+    ("name", "path", "caps"),
+    [("dreamina", "scheduler", DREAMINA_CAPS), ("luma", "jobs", LUMA_CAPS)],
+)
+async def test_an_empty_or_foreign_jobs_answer_is_a_failed_poll(
+    anyio_backend, name, path, caps, body
+):
+    """Not "nothing running", which freed every slot of a full account: the documented idle
+    answers still hold their key (``{"executing":{},"total":0}``)."""
+    with pytest.raises(capgate.PollError, match=r"empty answer|in the answer"):
+        await _read(name, {**caps, path: body})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_unreadable_job_row_still_counts_on_its_account(anyio_backend):
+    """A row with no job id runs all the same: Dreamina's group names its account, Luma's
+    row its ``account``."""
+    dreamina = await _read(
+        "dreamina",
+        {**DREAMINA_CAPS, "scheduler": {"executing": {"US:a@x.io": [{"jobid": "j1"}, {}]}}},
+    )
+    luma = await _read(
+        "luma",
+        {
+            **LUMA_CAPS,
+            "jobs": {"jobs": [{"jobid": "j1", "account": "a@x.io"}, {"account": "a@x.io"}]},
+        },
+    )
+    assert _rows(dreamina) == {"US:a@x.io": (2, 2)}
+    assert _rows(luma) == {"a@x.io": (2, 2)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_job_on_no_readable_account_counts_on_every_account(anyio_backend):
+    luma = await _read(
+        "luma",
+        {
+            "accounts": {"a@x.io": {"concurrency": 2}, "b@x.io": {"concurrency": 2}},
+            "jobs": {"jobs": [{"jobid": "j1"}]},  # no account, none in the id either
+        },
+    )
+    assert _rows(luma) == {"a@x.io": (2, 1), "b@x.io": (2, 1)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_top_level_count_above_the_rows_counts_on_every_account(anyio_backend):
+    """Dreamina's ``total`` and Luma's ``executing`` say jobs run that no row shows."""
+    dreamina = await _read(
+        "dreamina", {**DREAMINA_CAPS, "scheduler": {"executing": {}, "total": 1}}
+    )
+    luma = await _read("luma", {**LUMA_CAPS, "jobs": {"executing": 2, "jobs": []}})
+    assert _rows(dreamina) == {"US:a@x.io": (2, 1)}
+    assert _rows(luma) == {"a@x.io": (2, 2)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("name", "body", "max_jobs"),
+    [
+        (
+            "dreamina",
+            {**DREAMINA_CAPS, "scheduler": {"executing": {"US:a@x.io": {"jobs": []}}}},
+            None,
+        ),
+        (
+            "mureka",
+            {"jobs": {"accounts": {"123": "10 running"}, "availableAccounts": ["123"]}},
+            None,
+        ),
+        ("minimax-agent", {"agent/jobs": {"summary": {"67890": 3}, "executing": {}}}, 3),
+        ("minimax-agent", {"agent/jobs": {"executing": {"67890": "3 jobs"}}}, 3),
+    ],
+    ids=["dreamina-group", "mureka-group", "agent-summary", "agent-group"],
+)
+async def test_an_account_entry_of_the_wrong_type_leaves_the_account_out(
+    anyio_backend, name, body, max_jobs
+):
+    """Not 0 running: with no row the account is never granted, and the skip is logged."""
+    reading = await _read(name, body, max_jobs)
+    assert reading.accounts == []
+    assert reading.skipped
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_dreamina_account_gone_from_useapi_leaves_the_others_going(anyio_backend):
+    """Its ``GET accounts/<account>`` answers 404: that account has no cap (never granted);
+    before, the failure stopped every poll."""
+    from capgate._sources import ReadContext
+
+    spec = get_service("dreamina")
+    bodies = {
+        "accounts/US:a@x.io": {"maxJobs": 2},
+        "scheduler": {"executing": {}, "total": 0},
+    }
+
+    async def get(path: str) -> Any:
+        if path == "accounts/US:gone@x.io":
+            raise capgate.PollError("dreamina: HTTP 404: Account not found", status_code=404)
+        return bodies[path]
+
+    context = ReadContext(spec, None, ("US:a@x.io", "US:gone@x.io"))
+    reading = await spec.source.read(get, context, 0)
+    assert _rows(reading) == {"US:a@x.io": (2, 0)}

@@ -137,6 +137,32 @@ def _mapping(data: Any, service: str, what: str) -> Mapping[str, Any]:
     return data
 
 
+def _answer(data: Any, service: str, path: str, key: str) -> Mapping[str, Any]:
+    """The polled endpoint's answer, which must hold ``key`` even when nothing runs (the
+    documented idle answers do): an empty body, an empty 404 or a foreign object is a failed
+    poll, not "nothing running", which would free every slot."""
+    if not isinstance(data, Mapping) or key not in data:
+        got = "an empty answer" if data is None else f"no {key!r} in the answer"
+        raise PollError(f"{service}: GET {path}: {got}")
+    return data
+
+
+def _total_floor(data: Mapping[str, Any], counted: int) -> int:
+    """Jobs a readable top-level count (Dreamina's and Mureka's ``total``, Luma's
+    ``executing``) has beyond those counted on an account: each may be on any account."""
+    for key in ("total", "executing"):
+        value = data.get(key)
+        if isinstance(value, Mapping | list):
+            continue
+        try:
+            total = count_of(data, key)
+        except RowError:
+            continue
+        if total is not None:
+            return max(0, total - counted)
+    return 0
+
+
 def _row(account: str, cap: int | None, running: int) -> AccountCapacity:
     """A row for the accounting rule: ``available`` is what the cap leaves."""
     return AccountCapacity(account, cap, running, None if cap is None else max(0, cap - running))
@@ -292,11 +318,17 @@ class JobsByAccount(CapacitySource):
                 names = tuple(listed)
             caps: dict[str, int | None] = {}
             for name in names:
-                one = _mapping(
-                    await get(f"accounts/{name}"),
-                    ctx.service.name,
-                    f"GET accounts/{name}",
-                )
+                try:
+                    one = _mapping(
+                        await get(f"accounts/{name}"),
+                        ctx.service.name,
+                        f"GET accounts/{name}",
+                    )
+                except PollError as exc:
+                    if exc.status_code != 404:
+                        raise  # the next poll loads them all again
+                    caps[name] = None  # gone (deleted on useapi): no cap, never granted
+                    continue
                 try:
                     caps[name] = count_of(one, "maxJobs")
                 except RowError:
@@ -309,7 +341,7 @@ class JobsByAccount(CapacitySource):
     async def read(self, get: Get, ctx: ReadContext, now: float) -> Reading:
         service = ctx.service
         caps = await self._caps(get, ctx, now) if self.caps_from == "accounts" else None
-        data = _mapping(await get(self.polled[0]), service.name, f"GET {self.polled[0]}")
+        data = _answer(await get(self.polled[0]), service.name, self.polled[0], self.jobs_key)
         groups = _mapping(data.get(self.jobs_key), service.name, repr(self.jobs_key))
         counts: Mapping[str, Any] = {}
         if self.count_key.startswith("summary."):
@@ -321,28 +353,41 @@ class JobsByAccount(CapacitySource):
         names.update(dict.fromkeys(str(k) for k in groups))
         names.update(dict.fromkeys(str(k) for k in counts))
         out = Reading()
+        # every job listed counts on its account, an unreadable row too (it still runs)
+        rows: list[tuple[str, int, list[ExecutingJob]]] = []
         for account in names:
             group = groups.get(account)
             jobs_raw: Any = group
             if self.job_list_key and isinstance(group, Mapping):
                 jobs_raw = group.get(self.job_list_key)
             jobs: list[ExecutingJob] = []
-            for index, row in enumerate(jobs_raw if isinstance(jobs_raw, list) else ()):
-                try:
-                    jobs.append(_job(row, service, account, self.job_id_keys))
-                except RowError as exc:
-                    out.skipped.append(SkippedRow(self.jobs_key, index, str(exc)))
+            running = 0
             try:
-                running = len(jobs)
+                if group is not None and not isinstance(jobs_raw, list):
+                    if not (self.count_key == "total" and isinstance(group, Mapping)):
+                        raise RowError("its jobs are not a list")  # noqa: TRY301
+                    jobs_raw = ()  # Mureka's total per account still counts them
+                for index, row in enumerate(jobs_raw or ()):
+                    try:
+                        jobs.append(_job(row, service, account, self.job_id_keys))
+                    except RowError as exc:
+                        out.skipped.append(SkippedRow(self.jobs_key, index, str(exc)))
+                    running += 1
                 if self.count_key == "total" and isinstance(group, Mapping):
                     running = max(running, count_of(group, "total") or 0)
                 elif self.count_key.startswith("summary."):
                     entry = counts.get(account)
-                    if isinstance(entry, Mapping):
+                    if entry is not None and not isinstance(entry, Mapping):
+                        raise RowError("its summary is not an object")  # noqa: TRY301
+                    if entry is not None:
                         running = max(running, count_of(entry, "executing") or 0)
-            except RowError as exc:
+            except RowError as exc:  # left out: with no row, the account is never granted
                 out.skipped.append(SkippedRow(self.jobs_key, 0, f"{account}: {exc}"))
                 continue
+            rows.append((account, running, jobs))
+        unplaced = _total_floor(data, sum(running for _, running, _ in rows))
+        for account, running, jobs in rows:
+            running += unplaced
             cap = ctx.local_cap(account)
             if caps is not None and caps.get(account) is not None:
                 server = caps[account]
@@ -413,21 +458,29 @@ class JobList(CapacitySource):
             return _mapping(await get("accounts"), service.name, "GET accounts")
 
         accounts = await ctx.rare(now, load)
-        data = _mapping(await get(self.polled[0]), service.name, "GET jobs")
-        rows = data.get("jobs")
-        if rows is not None and not isinstance(rows, list):
+        data = _answer(await get(self.polled[0]), service.name, self.polled[0], "jobs")
+        rows = data["jobs"]
+        if not isinstance(rows, list):
             raise PollError(f"{service.name}: 'jobs' is not a list")
         out = Reading()
         running: dict[str, int] = {}
-        for index, row in enumerate(rows or ()):
+        unplaced = 0  # jobs whose account cannot be read: each may be on any account
+        for index, row in enumerate(rows):
+            account: str | None = None
             try:
                 job = _job(row, service, None, ("jobid",))
-            except RowError as exc:
+            except RowError as exc:  # unreadable, but it still runs where it names
                 out.skipped.append(SkippedRow("jobs", index, str(exc)))
-                continue
-            out.executing.append(job)
-            if job.account is not None:
-                running[job.account] = running.get(job.account, 0) + 1
+                if isinstance(row, Mapping):
+                    account = text_of(row.get("account"))
+            else:
+                out.executing.append(job)
+                account = job.account
+            if account is None:
+                unplaced += 1
+            else:
+                running[account] = running.get(account, 0) + 1
+        unplaced = max(unplaced, _total_floor(data, sum(running.values())))
         for index, (account, entry) in enumerate(accounts.items()):
             try:
                 if not isinstance(entry, Mapping):
@@ -441,7 +494,7 @@ class JobList(CapacitySource):
             if cap is None:
                 out.skipped.append(SkippedRow("accounts", index, f"no {self.cap_key}"))
                 continue
-            out.accounts.append(_row(account, cap, running.get(account, 0)))
+            out.accounts.append(_row(account, cap, running.get(account, 0) + unplaced))
         return out
 
     def fake_get(self, fake: FakeScheduler, path: str, now: float) -> Any:
