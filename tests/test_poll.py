@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import anyio
@@ -312,6 +313,32 @@ async def test_errors_never_carry_a_json_escaped_token():
             await fetch_snapshot(client, URL, token, LTX, timeout=5.0)
     assert "abc\\/def" not in str(caught.value)
     assert "<token>" in str(caught.value)
+
+
+@pytestmark_async
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda header: header.replace(" ", "%20").replace(":", "%3A"),  # a WAF page's quote
+        lambda header: header.replace(" ", "+").replace(":", "%3A"),
+        lambda header: base64.b64encode(header.encode()).decode(),  # a proxy's debug dump
+        lambda header: base64.b64encode(header[7:].encode()).decode(),
+    ],
+    ids=["percent", "plus", "base64-header", "base64-token"],
+)
+async def test_errors_never_carry_an_encoded_token(encode):
+    """A token with a colon, echoed percent-encoded or in base64, is masked too."""
+    token = "user:4242-Zq9SeCrEt"
+
+    def handler(request):
+        return httpx.Response(503, text=f"blocked: {encode(request.headers['authorization'])}")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(PollError) as caught:
+            await fetch_snapshot(client, URL, token, LTX, timeout=5.0)
+    assert "<token>" in str(caught.value)
+    assert "SeCrEt" not in str(caught.value)
+    assert base64.b64encode(token.encode()).decode()[:12] not in str(caught.value)
 
 
 @pytestmark_async

@@ -8,12 +8,13 @@ origin; redirects are followed by hand, and only within that origin.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import anyio
 import httpx
@@ -79,11 +80,27 @@ def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
+def _echoed_forms(secret: str) -> set[str]:
+    """How a server or proxy may echo the token: as sent, in any case (URL hosts come back
+    lowercased), JSON-escaped, percent-encoded (a WAF page quoting the header), and in
+    base64 (alone or as the whole ``Bearer`` header, as a debugging proxy may show it)."""
+    escaped = json.dumps(secret)[1:-1]
+    forms = {
+        secret,
+        escaped,
+        escaped.replace("/", "\\/"),
+        quote(secret, safe=""),
+        quote_plus(secret),
+    }
+    for raw in (secret, f"Bearer {secret}"):
+        encoded = base64.b64encode(raw.encode()).decode()
+        forms |= {encoded, encoded.rstrip("=")}
+    return forms
+
+
 def _excerpt(text: str, limit: int = 200, *, secret: str = "") -> str:
     if secret:  # a server (or proxy) echoing the Authorization header must not leak it
-        # in any case (URL hosts come back lowercased), and as JSON would escape it
-        escaped = json.dumps(secret)[1:-1]
-        for form in {secret, escaped, escaped.replace("/", "\\/")}:
+        for form in sorted(_echoed_forms(secret), key=len, reverse=True):
             text = re.sub(re.escape(form), "<token>", text, flags=re.IGNORECASE)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
