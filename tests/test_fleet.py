@@ -619,6 +619,40 @@ async def test_a_new_redis_run_holds_grants_for_the_recovery_grace(
     assert 0.9 <= waited < 2.5
 
 
+async def test_a_poll_begun_before_redis_lost_its_data_is_dropped(make_gate, private_redis):
+    """Regression: its tick, counted before the loss, beat every settle since, so the answer
+    (requested before the holder created its job) freed the holder's slot for a second
+    grant: a 429, or a job over the cap."""
+    fake = FakeScheduler({"a@x.io": 1}, job_duration=60.0)
+    slow_poll, computed = 0, anyio.Event()
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        response = await fake.handle(request)  # counted at arrival: no job runs yet
+        if request.url.path.endswith("/scheduler/available") and fake.polls == slow_poll:
+            computed.set()
+            await anyio.sleep(2.0)
+        return response
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    gate = make_gate(fake.url, redis_url=private_redis.url, client=client, lease_ttl=4.0)
+    second: list[str] = []
+
+    async def wait_for_a_second_slot() -> None:
+        with contextlib.suppress(SlotTimeout):
+            async with gate.slot(timeout=4) as slot:
+                second.append(slot.account)
+
+    async with client, anyio.create_task_group() as tg, gate.slot() as slot:
+        slow_poll = fake.polls + 1
+        tg.start_soon(wait_for_a_second_slot)  # it makes the gate poll
+        await computed.wait()
+        with redis.Redis.from_url(private_redis.url) as admin:
+            admin.flushall()  # as a restart without persistence loses it
+        slot.mark_submitted((await fake.create(slot.account)).job_id)
+    assert second == []
+    assert fake.rejected_429 == 0
+
+
 @pytest.mark.slow
 async def test_redis_restart_mid_run_grants_nothing_twice(
     make_gate, fake_url, private_redis

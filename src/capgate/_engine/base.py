@@ -139,6 +139,7 @@ class PollTicket:
     sent: float
     token: str = ""  # fleet mode: the poll lock's value
     server_sent: str = ""  # fleet mode: the server's time of sending, as the script said
+    generation: str = ""  # fleet mode: the Redis data and server run its tick counts in
     failures: int = 0  # failed polls in a row before this one (for the backoff)
 
 

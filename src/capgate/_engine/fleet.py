@@ -760,6 +760,7 @@ class FleetStore:
             self._now(),
             token=token,
             server_sent=str(begin["sent"]),
+            generation=str(begin["gen"]),
             failures=int(begin.get("failures", 0)),
         )
 
@@ -774,6 +775,7 @@ class FleetStore:
                     "apply",
                     token=ticket.token,
                     tick=ticket.tick,
+                    gen=ticket.generation,
                     sent=ticket.server_sent,
                     spacing=spacing,
                     snap=_encode_snapshot(snapshot),
@@ -808,6 +810,7 @@ class FleetStore:
                     "poll_failed",
                     token=ticket.token,
                     tick=ticket.tick,
+                    gen=ticket.generation,
                     auth=auth,
                     message=str(error),
                     status=error.status_code or 0,

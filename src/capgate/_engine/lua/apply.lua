@@ -1,16 +1,19 @@
 -- apply: take a poll's answer (unless a newer one landed first), release the lock, dispatch.
 -- The accounting rule of capgate._engine.ledger, on the fleet's leases.
 -- KEYS[1] - the fleet's prefix
--- ARGV[1] - {token, tick, sent, spacing, snap (the snapshot as JSON), limits: [[account,
+-- ARGV[1] - {token, tick, gen, sent, spacing, snap (the snapshot as JSON), limits: [[account,
 --            room before reservations], ...], jobs: [job ids executing], floor,
 --            lag_margin, lag_samples, watch_for, watch_max, owner, ttl, strategy, pref,
 --            grace, idle}
 -- returns  - JSON {applied: whether this answer is now the fleet's snapshot}
 -- An answer to a poll begun before the fleet's latest snapshot's (a poller paused past its
--- lock) never replaces it: it is counted in meta.polls_late and dropped.
-local epoch = ensure_epoch()
+-- lock), or in another generation (begun before Redis lost its data or restarted: its tick
+-- counts from another origin, and the settles since would look older than it), never
+-- replaces it: it is counted in meta.polls_late and dropped.
+local epoch, gen = ensure_epoch()
 local st, sent = A.tick, tonumber(A.sent)
-if st > mget('sent_tick', 0) then
+local current = A.gen == gen
+if current and st > mget('sent_tick', 0) then
   redis.call('DEL', P .. 'limit', P .. 'order', P .. 'jobs')
   for _, row in ipairs(A.limits) do
     redis.call('HSET', P .. 'limit', row[1], row[2])
@@ -104,4 +107,4 @@ if redis.call('GET', P .. 'lock') == A.token then redis.call('DEL', P .. 'lock')
 reclaim()
 dispatch(epoch)
 finish()
-return cjson.encode({applied = st >= mget('sent_tick', 0)})
+return cjson.encode({applied = current and st >= mget('sent_tick', 0)})

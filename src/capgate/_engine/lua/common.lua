@@ -56,6 +56,8 @@ local function tick() return redis.call('HINCRBY', M, 'tick', 1) end
 -- server run_id with the data still there (a restart that reloaded an older snapshot) starts
 -- a grace too. Either way nothing is granted for `grace` seconds while live holders
 -- re-assert their leases.
+-- Returns the epoch, and the generation: the epoch and the server's run_id, which changes
+-- on either (a poll begun in another generation counts its ticks from another origin).
 local function ensure_epoch()
   local info = redis.pcall('INFO', 'server')  -- INFO may be renamed away: then no run_id
   local rid = type(info) == 'string' and string.match(info, 'run_id:(%w+)') or ''
@@ -67,14 +69,14 @@ local function ensure_epoch()
       redis.call('HSET', M, 'run_id', rid, 'grace_until', NOW + A.grace, 'fresh_until', 0,
         'next_poll_at', 0)
     end
-    return e
+    return e, e .. '/' .. rid
   end
   local t = redis.call('TIME')
   e = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('HSET', M, 'epoch', e, 'run_id', rid, 'grace_until', NOW + A.grace,
     'fresh_until', 0, 'next_poll_at', 0, 'last_sent', 0, 'failures', 0, 'polls', 0,
     'polls_failed', 0, 'sent_tick', 0)
-  return e
+  return e, e .. '/' .. rid
 end
 
 local function lease_get(id)

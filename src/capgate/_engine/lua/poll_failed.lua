@@ -1,13 +1,14 @@
 -- poll_failed: record a failed poll and when the next one is due; release the lock.
 -- KEYS[1] - the fleet's prefix
--- ARGV[1] - {token, tick (the poll's, from begin_poll), auth (a refused token), message,
+-- ARGV[1] - {token, tick and gen (the poll's, from begin_poll), auth (a refused token), message,
 --            status, delay (seconds, computed by capgate._policy.backoff_delay from the
 --            failures begin_poll returned), grace, idle}
 -- returns  - '{}'
--- A poll begun before the fleet's latest snapshot's (a poller paused past its lock) failed
--- too late to matter: it is counted, and changes neither the backoff nor the next poll.
-ensure_epoch()
-if A.tick < mget('sent_tick', 0) then
+-- A poll begun before the fleet's latest snapshot's (a poller paused past its lock), or in
+-- another generation, failed too late to matter: it is counted, and changes neither the
+-- backoff nor the next poll.
+local _, gen = ensure_epoch()
+if A.gen ~= gen or A.tick < mget('sent_tick', 0) then
   redis.call('HINCRBY', M, 'polls_failed', 1)
   redis.call('HINCRBY', M, 'polls_late', 1)
   if redis.call('GET', P .. 'lock') == A.token then redis.call('DEL', P .. 'lock') end
