@@ -9,8 +9,8 @@ Usage::
 
 ``run`` submits JOBS jobs of DURATION seconds through ``gate.submit`` with CONCURRENCY tasks
 and prints one JSON line with what it saw (NAMESPACE ``-``: no store, the in-process ledger).
-``hold`` takes SLOTS slots, prints ``HELD`` and sleeps with them until killed, while EXTRA
-more tasks wait in the fleet's queue.
+``hold`` takes SLOTS slots, prints ``HELD`` and sleeps with them until killed (printing
+``LOST`` for each slot that reports lost), while EXTRA more tasks wait in the fleet's queue.
 ``pause`` runs SLOTS ``gate.submit`` calls at once; when all SLOTS slots are held (inside
 ``submit``, before its check of ``slot.lost``) it prints ``HELD`` and stops itself with
 SIGSTOP; once continued it finishes the jobs and prints one JSON line: the statuses its
@@ -118,11 +118,14 @@ async def hold(
 
         async def holder() -> None:
             nonlocal ready
-            async with gate.slot(timeout=3600):
+            async with gate.slot(timeout=3600) as slot:
                 ready += 1
                 if ready == slots:
                     print("HELD", flush=True)
                     all_in.set()
+                while not slot.lost:  # noqa: ASYNC110 - a property, with no event to wait on
+                    await anyio.sleep(0.05)
+                print("LOST", flush=True)
                 await anyio.sleep(3600)
 
         for _ in range(slots):

@@ -186,6 +186,43 @@ async def test_paused_holder_resumes_without_a_single_429(make_gate, namespace) 
     assert fake.creates == 6
 
 
+@pytest.mark.slow
+@needs_redis_server
+async def test_holder_paused_past_the_recovery_grace_of_a_data_loss_learns_it_lost(
+    make_gate, namespace
+) -> None:
+    """Redis loses its data while a holder is paused (well within its lease, past the
+    recovery grace): the fleet grants its slot again after the grace, so when the holder
+    resumes, its next renewal tells it the lease is lost and the slot counts once.
+
+    Regression: its renewal re-asserted the older epoch's lease whenever it came back,
+    next to the new grant: the slot counted twice, and the holder was never told.
+    """
+    fake = FakeScheduler({"a@x.io": 1})
+    ttl, grace = 10.0, 0.3
+    with serve(fake) as url, servers() as (tmp, started):
+        server = Server(tmp)
+        started.append(server.start())
+        worker = _spawn("hold", url, server.url, namespace, 1, 0.15, ttl)
+        with _reaped(worker) as proc, server.client() as admin:
+            line = await anyio.to_thread.run_sync(proc.stdout.readline)  # type: ignore[union-attr]
+            assert line.strip() == "HELD", proc.communicate(timeout=10)[1][-2000:]
+            os.kill(proc.pid, signal.SIGSTOP)
+            await _eventually(lambda: _stopped(proc.pid))
+            admin.flushall()  # as a restart without persistence loses it
+            gate = make_gate(url, redis_url=server.url, lease_ttl=ttl, recovery_grace=grace)
+            async with gate.slot(timeout=10):  # after the grace, the slot is this gate's
+                os.kill(proc.pid, signal.SIGCONT)
+                with anyio.fail_after(5):  # its next renewal (every second) tells it
+                    line = await anyio.to_thread.run_sync(
+                        proc.stdout.readline,  # type: ignore[union-attr]
+                        abandon_on_cancel=True,
+                    )
+                assert line.strip() == "LOST"
+                for pending in admin.scan_iter(match=f"{namespace}:*:pending"):
+                    assert admin.hget(pending, "a@x.io") == b"1"  # this gate's slot only
+
+
 # --- a killed process's grants -----------------------------------------------------------
 
 

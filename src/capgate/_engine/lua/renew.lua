@@ -1,8 +1,10 @@
 -- renew: a live process extends its leases and its waiters' heartbeats.
 -- A lease the fleet reclaimed (its holder stopped renewing longer than the lease) is never
--- re-created here: its holder is told it is lost. Only a lease Redis lost is re-asserted: one
--- of an older epoch (the data is gone), or one missing during a recovery grace (a failover
--- to a replica that had not received it yet), unless the fleet remembers reclaiming it.
+-- re-created here: its holder is told it is lost. Only a lease Redis lost is re-asserted (one
+-- of an older epoch: the data is gone; or a failover to a replica that had not received it
+-- yet), unless the fleet remembers reclaiming it, and only during the recovery grace: after
+-- it the fleet grants again, and a holder that comes back later (paused past the grace) may
+-- find its slot granted to another; it is told its lease is lost.
 -- KEYS[1] - the fleet's prefix
 -- ARGV[1] - {owner, lease_ttl, ttl (waiter heartbeat), held: [[lease id, account, waiter
 --            id], ...], waiters: [waiter ids], grace, idle}
@@ -13,9 +15,8 @@ for _, l in ipairs(A.held) do mine[l[1]] = true end
 for _, l in ipairs(A.held) do
   local id = l[1]
   local rec = lease_get(id)
-  local older = string.sub(id, 1, #epoch + 1) ~= epoch .. '-'
   if not rec and not redis.call('ZSCORE', P .. 'lost', id)
-      and (older or NOW < mget('grace_until', 0)) then
+      and NOW < mget('grace_until', 0) then
     rec = {a = l[2], w = l[3], o = A.owner}
     pend_add(l[2], 1)
     lease_put(id, rec)
