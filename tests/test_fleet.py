@@ -395,6 +395,31 @@ async def test_invalidate_storm_during_slow_answers_still_grants(make_gate, fake
     assert fake.polls <= 2
 
 
+async def test_a_waiter_on_a_full_fleet_sleeps_between_exchanges(make_gate, fake_url) -> None:
+    """Regression: a wake-up that came while the driver was awake (its own poll's) was never
+    used up, so every later wait returned at once: an exchange with Redis per turn, about
+    2,400 a second and a core's worth of CPU while every slot stayed taken."""
+    fake, url = fake_url
+    for account, cap in fake.max_jobs.items():
+        for _ in range(cap):
+            fake.add_outside_job(account, duration=600)
+    gate = make_gate(url, poll_interval=0.5)
+    store = gate._engine.store
+    calls: list[str] = []
+    real_call = store._call
+
+    def counted(op: str, **named: Any) -> Any:
+        calls.append(op)
+        return real_call(op, **named)
+
+    store._call = counted
+    with pytest.raises(SlotTimeout):
+        async with gate.slot(timeout=2.0):
+            pytest.fail("granted on a full fleet")
+    # a few polls and the waiter's wake-ups on each: tens, not thousands
+    assert calls.count("sync") < 60, calls
+
+
 async def test_token_never_reaches_keys_or_logs(make_gate, fake_url, namespace) -> None:
     """The token is in no Redis key, value or log line."""
     fake, url = fake_url

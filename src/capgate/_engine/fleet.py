@@ -662,6 +662,10 @@ class FleetStore:
             waiter.scope = scope
             try:
                 if waiter.woken:
+                    # woken while awake: this wait is that wake-up's, and uses it up (left
+                    # set, every later wait returned at once: an exchange per turn, a core)
+                    waiter.woken = False
+                    self._message = False
                     return
                 await anyio.to_thread.run_sync(
                     self._listen_sync, max(timeout, 0.005), gen, abandon_on_cancel=True
