@@ -125,7 +125,16 @@ def _interrupt(process: subprocess.Popen[str]) -> tuple[int, str, str]:
             "argument --fail: STATUS must be one of 596, 412, 402, 502, 504, got 500",
         ),
         (["serve-fake", "--fail", "596"], "argument --fail: expected ACCOUNT=STATUS, got '596'"),
-        (["serve-fake", "--outside", "a@x.io=0"], "argument --outside: SLOTS must be at least 1"),
+        (["serve-fake", "--outside", "a@x.io=0"], "argument --outside: SLOTS must be from 1"),
+        # absurd sizes: before, a traceback (simulate), a hang (demo) or hours of polls
+        (["simulate", "--accounts", "9" * 23], "maxJobs must be at most 1,000, got 9999"),
+        (["demo", "--accounts", "1000000000000"], "maxJobs must be at most 1,000"),
+        (["serve-fake", "--accounts", "a@x.io=5000"], "maxJobs must be at most 1,000"),
+        (["serve-fake", "--outside", "a@x.io=5000"], "SLOTS must be from 1 to 1,000"),
+        (["simulate", "--jobs", "9" * 5000], "must be at most 1,000,000, got 999999999999…"),
+        (["simulate", "--poll-interval", "1e-300"], "must be at least 0.05 s, got 1e-300"),
+        (["simulate", "--max-duration", "1e9"], "must be at most a week (604800 s)"),
+        (["simulate", "--jobs", "100000"], "would poll about 240,000 times"),
         (["serve-fake", "--fail-rate", "2"], "argument --fail-rate: must be from 0 to 1, got 2"),
         (
             ["serve-fake", "--accounts", "a@x.io=2", "--fail", "b@x.io=596"],

@@ -72,14 +72,35 @@ class _Failure(Exception):
 # --- argument types ----------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+#: bounds that keep what the simulator and the fake are asked to run finite and in memory:
+#: useapi documents caps of 1-50 jobs per account, and jobs of minutes
+MAX_SLOTS = 1_000  # per account, and accounts per run
+MAX_COUNT = 1_000_000  # jobs, workers
+MAX_DURATION = 7 * 86_400.0  # a job's length (the gate reads no longer ``elapsed`` either)
+MIN_POLL_INTERVAL = 0.05
+MAX_SIMULATED_POLLS = 200_000  # about a millisecond of this machine's time each
+
+
+def _positive_int(text: str, *, most: int = MAX_COUNT) -> int:
+    if text.strip().isdigit() and len(text.strip()) > len(str(most)):  # too long for int()
+        raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {_digits(text)}")
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, got {_digits(text)!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {_digits(text)}")
     return value
+
+
+def _digits(text: str) -> str:
+    """A number as typed, shortened when it is absurdly long."""
+    text = text.strip()
+    return text if len(text) <= 24 else f"{text[:12]}… ({len(text)} digits)"
 
 
 def _port(text: str) -> int:
@@ -95,10 +116,27 @@ def _port(text: str) -> int:
 def _seconds(text: str) -> float:
     try:
         value = float(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _job_seconds(text: str) -> float:
+    """A job's length for the simulator or the fake: at most a week."""
+    value = _seconds(text)
+    if value > MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"must be at most a week ({MAX_DURATION:g} s), got {text}")
+    return value
+
+
+def _poll_seconds(text: str) -> float:
+    """A poll interval for the simulator or the demo: at least 0.05 s (useapi's own tools
+    poll every 5 s or slower)."""
+    value = _seconds(text)
+    if value < MIN_POLL_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_POLL_INTERVAL:g} s, got {text}")
     return value
 
 
@@ -122,20 +160,27 @@ def _accounts(text: str) -> dict[str, int]:
     items = [item.strip() for item in text.split(",")]
     if any(not item for item in items):
         raise argparse.ArgumentTypeError(f"expected maxJobs per account like 5,3,2, got {text!r}")
+    if len(items) > MAX_SLOTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SLOTS:,} accounts, got {len(items):,}")
     accounts: dict[str, int] = {}
     for i, item in enumerate(items):
         name, sep, number = item.rpartition("=")
         name = name.strip() if sep else _account_name(i)
         if sep and not name:
             raise argparse.ArgumentTypeError(f"an account name is missing in {item!r}")
+        too_many = f"maxJobs must be at most {MAX_SLOTS:,}, got {_digits(number)}"
+        if number.strip().isdigit() and len(number.strip()) > len(str(MAX_SLOTS)):
+            raise argparse.ArgumentTypeError(too_many)  # int() refuses 4,301 digits or more
         try:
             max_jobs = int(number)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"maxJobs must be a whole number, got {number.strip()!r} in {text!r}"
+                f"maxJobs must be a whole number, got {_digits(number)!r} in {_digits(text)!r}"
             ) from None
         if max_jobs < 1:
             raise argparse.ArgumentTypeError(f"maxJobs must be at least 1, got {max_jobs}")
+        if max_jobs > MAX_SLOTS:
+            raise argparse.ArgumentTypeError(too_many)
         if name in accounts:
             raise argparse.ArgumentTypeError(f"account {name!r} is given twice")
         accounts[name] = max_jobs
@@ -170,8 +215,10 @@ def _failure(text: str) -> tuple[str, int]:
 def _outside(text: str) -> tuple[str, int]:
     """``a@x.io=2``: two of that account's slots run jobs started outside the gate."""
     account, slots = _pair(text, "SLOTS")
-    if slots < 1:
-        raise argparse.ArgumentTypeError(f"SLOTS must be at least 1, got {slots}")
+    if not 1 <= slots <= MAX_SLOTS:
+        raise argparse.ArgumentTypeError(
+            f"SLOTS must be from 1 to {MAX_SLOTS:,}, got {_digits(text.rpartition('=')[2])}"
+        )
     return account, slots
 
 
@@ -398,6 +445,14 @@ def _scenario(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Scen
             f"--min-duration ({args.min_duration:g}) is larger than "
             f"--max-duration ({args.max_duration:g})"
         )
+    if args.command == "simulate":  # virtual time: what a run costs is its polls
+        rounds = -(-args.jobs // sum(args.accounts))
+        polls = rounds * args.max_duration / args.poll_interval
+        if polls > MAX_SIMULATED_POLLS:
+            parser.error(
+                f"this run would poll about {polls:,.0f} times (more than "
+                f"{MAX_SIMULATED_POLLS:,}): raise --poll-interval, or run fewer or shorter jobs"
+            )
     return Scenario(
         name=args.command,
         accounts=args.accounts,
@@ -893,21 +948,21 @@ def _add_scenario_options(
     )
     p.add_argument(
         "--min-duration",
-        type=_seconds,
+        type=_job_seconds,
         default=min_duration,
         metavar="S",
         help=f"shortest job in seconds (default: {min_duration:g})",
     )
     p.add_argument(
         "--max-duration",
-        type=_seconds,
+        type=_job_seconds,
         default=max_duration,
         metavar="S",
         help=f"longest job in seconds (default: {max_duration:g})",
     )
     p.add_argument(
         "--poll-interval",
-        type=_seconds,
+        type=_poll_seconds,
         default=poll,
         metavar="S",
         help=f"the gate's poll_interval in seconds (default: {poll:g})",
@@ -984,8 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status",
-        help="one poll of scheduler/available: accounts and executing jobs",
-        description="Poll scheduler/available once with USEAPI_TOKEN and show each "
+        help="one poll of the service's capacity: accounts and executing jobs",
+        description="Poll the service's capacity once with USEAPI_TOKEN (scheduler/available, "
+        "or the jobs and accounts endpoints of the newer services) and show each "
         "account's maxJobs, executing and available, and the executing jobs.",
     )
     _add_poll_options(status)
@@ -995,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "watch",
         help="the status tables, refreshed live until Ctrl-C",
-        description="Poll scheduler/available every --interval seconds with USEAPI_TOKEN "
+        description="Poll the service's capacity every --interval seconds with USEAPI_TOKEN "
         "and keep the status tables on screen until Ctrl-C.",
     )
     _add_poll_options(watch)
@@ -1052,10 +1108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", default="fake-token", help="the token it accepts (default: fake-token)"
     )
     fake.add_argument(
-        "--min-duration", type=_seconds, default=30.0, metavar="S", help="(default: 30)"
+        "--min-duration", type=_job_seconds, default=30.0, metavar="S", help="(default: 30)"
     )
     fake.add_argument(
-        "--max-duration", type=_seconds, default=120.0, metavar="S", help="(default: 120)"
+        "--max-duration", type=_job_seconds, default=120.0, metavar="S", help="(default: 120)"
     )
     fake.add_argument("--seed", type=int, default=0, help="seeds durations and ids (default: 0)")
     fake.add_argument(
