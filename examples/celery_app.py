@@ -9,9 +9,9 @@ fleet: no account is ever oversubscribed across processes, and the fleet polls
 
 Try it against the simulator (needs the ``celery`` extra and a Redis on 127.0.0.1:6379)::
 
-    capgate serve-fake --accounts a@x.io=3,b@x.io=2        # prints its scheduler URL
+    capgate serve-fake --service kling --accounts a@x.io=3,b@x.io=2   # prints its URL
     export USEAPI_TOKEN=fake-token
-    export CAPGATE_URL=http://127.0.0.1:PORT/v1/ltxstudio/scheduler/available
+    export CAPGATE_URL=http://127.0.0.1:PORT/v1/kling/scheduler/available
     cd examples && celery -A celery_app worker --pool=prefork --concurrency=4
     # elsewhere, with the same environment:
     cd examples && python -c "from celery_app import create_job as c; print(c.delay('cat').get())"
@@ -20,10 +20,10 @@ Settings, from the environment:
 
 - ``USEAPI_TOKEN``: the token (the simulator's is ``fake-token``).
 - ``CAPGATE_URL``: the ``scheduler/available`` URL; the service's real one when unset.
-- ``CAPGATE_CREATE_URL``: where to POST a job. By default the simulator's create endpoint
-  next to ``CAPGATE_URL``; for real use, your service's create endpoint (for example
-  ``https://api.useapi.net/v1/ltxstudio/videos/create``) and its body.
-- ``CAPGATE_SERVICE`` (``ltxstudio``), ``CAPGATE_POLL_INTERVAL`` (5 s).
+- ``CAPGATE_CREATE_URL``: where to POST a job. By default the service's create endpoint
+  beside ``CAPGATE_URL`` (``…/v1/kling/videos/text2video``), which the simulator serves too;
+  for real use, check its body against the service's documentation.
+- ``CAPGATE_SERVICE`` (``kling``), ``CAPGATE_POLL_INTERVAL`` (5 s).
 - ``CAPGATE_REDIS_URL``: the fleet's Redis; ``CAPGATE_NAMESPACE``: its key namespace.
 - ``CELERY_BROKER_URL``: the broker (and result backend); its keys get the prefix
   ``<namespace>-celery:``, so one Redis can serve both without the two mixing.
@@ -41,7 +41,7 @@ from celery.signals import worker_process_shutdown
 from capgate import SERVICES, SyncCapacityGate
 from capgate.redis import RedisStore
 
-SERVICE = os.environ.get("CAPGATE_SERVICE", "ltxstudio")
+SERVICE = os.environ.get("CAPGATE_SERVICE", "kling")
 NAMESPACE = os.environ.get("CAPGATE_NAMESPACE", "capgate")
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 
@@ -64,8 +64,9 @@ gate = SyncCapacityGate(
         os.environ.get("CAPGATE_REDIS_URL", "redis://127.0.0.1:6379/0"), namespace=NAMESPACE
     ),
 )
-CREATE_URL = os.environ.get("CAPGATE_CREATE_URL") or gate.url.replace(
-    "/scheduler/available", "/jobs"
+CREATE_URL = (
+    os.environ.get("CAPGATE_CREATE_URL")
+    or gate.url.rsplit("/scheduler/available", 1)[0] + "/" + SERVICES[SERVICE].create_path
 )
 ACCOUNT_KEY = SERVICES[SERVICE].account_key
 

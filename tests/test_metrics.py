@@ -13,9 +13,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from capgate import SlotTimeout
+from capgate import SlotTimeout, SyncCapacityGate
 from capgate.metrics import PrometheusCollector, instrument
-from capgate.testing import Fault
+from capgate.testing import FakeScheduler, Fault, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -272,3 +272,29 @@ async def test_learnt_durations_are_exposed_per_account(make_gate):
     registry.register(PrometheusCollector(gate))
     median = _samples(registry)["capgate_account_median_duration_seconds", _svc(account="a@x.io")]
     assert median == pytest.approx(30, abs=3)
+
+
+def test_the_sync_twin_is_exposed_like_its_gate():
+    """Flask and Celery users hold a SyncCapacityGate: both exporters take it (before, a
+    TypeError), reading its figures on its loop thread."""
+    fake = FakeScheduler({"a@x.io": 2}, service="kling")
+    with serve(fake) as url:
+        gate = SyncCapacityGate(fake.token, service="kling", url=url, poll_interval=0.1)
+        try:
+            with gate.slot():
+                pass
+            registry = CollectorRegistry()
+            registry.register(PrometheusCollector(gate))
+            reader = InMemoryMetricReader()
+            provider = MeterProvider(metric_readers=[reader])
+            instrument(gate, meter_provider=provider)
+            assert _samples(registry)["capgate_grants_total", _svc("kling")] == 1
+            assert _otel(reader)["capgate_grants_total", _svc("kling")] == 1
+            provider.shutdown()
+        finally:
+            gate.close()
+
+
+def test_what_is_not_a_gate_is_refused():
+    with pytest.raises(TypeError, match="expected CapacityGate or SyncCapacityGate objects"):
+        PrometheusCollector(object())  # type: ignore[arg-type]

@@ -60,7 +60,7 @@ def test_celery_prefork_worker_shares_one_fleet(tmp_path, monkeypatch):
     example's import-time gate: each job created once, no 429, never over maxJobs, and about
     one poll per interval for the whole worker."""
     namespace = f"capgate-test-celery-{uuid.uuid4().hex[:12]}"
-    fake = FakeScheduler(ACCOUNTS, job_duration=(1.0, 2.0), seed=3)
+    fake = FakeScheduler(ACCOUNTS, service="kling", job_duration=(1.0, 2.0), seed=3)
     log = tmp_path / "worker.log"
     worker: subprocess.Popen[bytes] | None = None
     app = None

@@ -62,6 +62,10 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from ._gate import CapacityGate
+    from ._sync import SyncCapacityGate
+
+    #: either gate: the sync twin's figures are its gate's, read on its loop thread
+    Gate = CapacityGate | SyncCapacityGate
 
 __all__ = ["PrometheusCollector", "instrument"]
 
@@ -166,7 +170,7 @@ _WAIT = "capgate_wait_seconds"
 _WAIT_HELP = "How long granted callers waited for a slot."
 
 
-def _statistics(gate: CapacityGate) -> GateStatistics:
+def _statistics(gate: Gate) -> GateStatistics:
     """``gate.statistics()``, also from a scrape thread while the event loop changes it."""
     for _ in range(100):
         try:
@@ -176,14 +180,17 @@ def _statistics(gate: CapacityGate) -> GateStatistics:
     return gate.statistics()  # pragma: no cover
 
 
-def _checked(gates: Iterable[CapacityGate]) -> tuple[CapacityGate, ...]:
+def _checked(gates: Iterable[Gate]) -> tuple[Gate, ...]:
     from ._gate import CapacityGate
+    from ._sync import SyncCapacityGate
 
     gates = tuple(gates)
     services: set[str] = set()
     for gate in gates:
-        if not isinstance(gate, CapacityGate):
-            raise TypeError(f"expected CapacityGate objects, got {type(gate).__name__}")
+        if not isinstance(gate, CapacityGate | SyncCapacityGate):
+            raise TypeError(
+                f"expected CapacityGate or SyncCapacityGate objects, got {type(gate).__name__}"
+            )
         if gate.service in services:
             raise ValueError(
                 f"two gates for service {gate.service!r}: their series would carry the same "
@@ -212,15 +219,16 @@ class PrometheusCollector:
     Every scrape reads ``gate.statistics()``; nothing is counted twice.
 
     Args:
-        *gates: The gates to expose, one per service.
+        *gates: The gates to expose, one per service (``SyncCapacityGate`` too).
 
     Raises:
         ImportError: ``prometheus_client`` is not installed.
         ValueError: Two gates have the same service.
-        TypeError: An argument is not a :class:`~capgate.CapacityGate`.
+        TypeError: An argument is not a :class:`~capgate.CapacityGate` or a
+            :class:`~capgate.SyncCapacityGate`.
     """
 
-    def __init__(self, *gates: CapacityGate) -> None:
+    def __init__(self, *gates: Gate) -> None:
         try:
             import prometheus_client  # noqa: F401 - fail here, with the hint, not at a scrape
         except ImportError as exc:
@@ -277,7 +285,7 @@ class PrometheusCollector:
 # --- OpenTelemetry ---------------------------------------------------------------------
 
 
-def instrument(gate: CapacityGate, meter_provider: MeterProvider | None = None) -> None:
+def instrument(gate: Gate, meter_provider: MeterProvider | None = None) -> None:
     """Register the gate's figures as OpenTelemetry observable instruments (extra ``otel``).
 
     The instruments carry the same names as :class:`PrometheusCollector`'s series, with
@@ -288,12 +296,13 @@ def instrument(gate: CapacityGate, meter_provider: MeterProvider | None = None) 
     ``capgate_wait_seconds_count``. Call it once per gate.
 
     Args:
-        gate: The gate to observe.
+        gate: The gate to observe (a ``SyncCapacityGate`` too).
         meter_provider: Where to register; the global provider when ``None``.
 
     Raises:
         ImportError: ``opentelemetry-api`` is not installed.
-        TypeError: ``gate`` is not a :class:`~capgate.CapacityGate`.
+        TypeError: ``gate`` is not a :class:`~capgate.CapacityGate` or a
+            :class:`~capgate.SyncCapacityGate`.
     """
     try:
         from opentelemetry import metrics as otel
