@@ -51,6 +51,13 @@ def test_check_url_refuses_non_http(url):
         check_url(url)
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/x", "https://x.io:0/a"])
+def test_check_url_refuses_a_port_out_of_range(url):
+    """httpx parses port 99999; the first poll then failed with an ExceptionGroup."""
+    with pytest.raises(ValueError, match=r"^url's port must be from 1 to 65535, not "):
+        check_url(url)
+
+
 def test_check_url_refuses_credentials():
     """Credentials in the URL are refused; the token goes in the header."""
     with pytest.raises(ValueError, match=r"^url must not carry credentials; pass the token"):

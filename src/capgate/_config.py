@@ -149,6 +149,8 @@ def check_url(url: str) -> httpx.URL:
         raise ValueError(f"url is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError("url must be an absolute http:// or https:// URL")
+    if parsed.port is not None and not 0 < parsed.port <= 65535:  # httpx accepts 99999
+        raise ValueError(f"url's port must be from 1 to 65535, not {parsed.port}")
     if parsed.scheme == "http" and not _is_loopback(parsed.host):
         raise ValueError(
             f"url uses plain http:// to {parsed.host}; the token would travel in clear text. "
