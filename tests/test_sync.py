@@ -764,3 +764,19 @@ def test_a_forked_child_refuses_the_parents_client(gates):
 
     [result] = _fork_children(1, child)
     assert result["ok"].startswith("this SyncCapacityGate was given client=, an httpx.AsyncClient")
+
+
+def test_a_strategy_may_read_the_twin_from_its_loop_thread(server, gates):
+    """A callable strategy runs on the twin's loop thread; reading the twin there ran into
+    anyio's "cannot be called from the event loop thread". It now reads it in place."""
+    seen: list[int] = []
+    gate: SyncCapacityGate
+
+    def reads_the_twin(candidates: Any) -> Any:
+        seen.append(gate.statistics().waiting)
+        return candidates[0]
+
+    gate = gates(server.fake.token, url=server.url, poll_interval=0.1, strategy=reads_the_twin)
+    with gate.slot(timeout=5):
+        pass
+    assert seen

@@ -137,7 +137,10 @@ class _Runtime:
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` on the loop thread; its result or exception here. Once the
         loop has stopped (the twin closed), here: nothing runs on it any more, and a slot
-        used after its block then gives its own error, not the portal's."""
+        used after its block then gives its own error, not the portal's. On the loop thread
+        itself (a ``strategy=`` callable reading the twin), here too."""
+        if threading.current_thread() is self.thread:
+            return fn(*args)
         if self.stopped:
             self.thread.join(STOP_JOIN)
             if not self.thread.is_alive():
