@@ -420,6 +420,43 @@ async def test_a_waiter_on_a_full_fleet_sleeps_between_exchanges(make_gate, fake
     assert calls.count("sync") < 60, calls
 
 
+@pytest.mark.parametrize(
+    ("key", "field", "value", "outcome"),
+    [
+        ("meta", "snap", "[]", "granted"),  # valid JSON, not a snapshot
+        ("meta", "snap", '{"a": 1, "e": "x"}', "granted"),
+        ("meta", "sent_tick", "many", SlotTimeout),  # the scripts fail: closed
+        ("quar", "a@x.io", json.dumps({"u": 4e9}), AccountQuarantined),  # no reason
+    ],
+    ids=["snap-list", "snap-garbage", "tick-text", "quarantine-without-reason"],
+)
+async def test_foreign_data_in_the_fleets_keys_neither_crashes_nor_leaks(
+    make_gate, fake_url, namespace, key, field, value, outcome
+) -> None:
+    """Regression: a snapshot that was valid JSON but not one raised AttributeError in the
+    waiter, a quarantine without its reason IndexError, and aclose() then left the renewal
+    thread running. Now: logged, the scripts decide (no grant where they cannot read their
+    own state), and the gate closes."""
+    fake, url = fake_url
+    fake.max_jobs = {"a@x.io": 1}
+    gate = make_gate(url)
+    async with gate.slot(timeout=5):
+        pass
+    with redis.Redis.from_url(REDIS_URL) as client:
+        (meta,) = client.scan_iter(match=f"{namespace}:*:meta")
+        client.hset(meta.decode()[: -len("meta")] + key, field, value)
+    if outcome == "granted":
+        async with gate.slot(timeout=5) as slot:
+            assert slot.account == "a@x.io"
+    else:
+        with pytest.raises(outcome):
+            async with gate.slot(timeout=1):
+                pass
+    keeper = gate._engine.store._keeper
+    await gate.aclose()
+    assert keeper is None or not keeper.is_alive()
+
+
 async def test_token_never_reaches_keys_or_logs(make_gate, fake_url, namespace) -> None:
     """The token is in no Redis key, value or log line."""
     fake, url = fake_url

@@ -247,39 +247,45 @@ class _State:
     )
 
     def __init__(self, data: dict[str, Any] | None = None, taken: float = -math.inf) -> None:
+        # what the scripts return, read leniently: a field someone else wrote into the
+        # fleet's keys reads as its default (the scripts decide grants, not this view)
         d = data or {}
         self.taken = taken
-        self.fresh_in = float(d.get("fresh_in", -1.0))
-        self.poll_in = float(d.get("poll_in", -1.0))
-        self.grace_in = float(d.get("grace_in", 0.0))
-        self.sent_tick = int(d.get("sent_tick", 0))
-        self.snap_age = float(d.get("snap_age", 0.0))
-        self.waiting = int(d.get("waiting", 0))
-        self.held = int(d.get("held", 0))
-        self.reserved = int(d.get("reserved", 0))
-        self.pending: dict[str, int] = {k: int(v) for k, v in _mapping(d.get("pending")).items()}
-        self.limit: dict[str, int] = {k: int(v) for k, v in _mapping(d.get("limit")).items()}
+        self.fresh_in = _number(d, "fresh_in", -1.0)
+        self.poll_in = _number(d, "poll_in", -1.0)
+        self.grace_in = _number(d, "grace_in", 0.0)
+        self.sent_tick = _count(d, "sent_tick")
+        self.snap_age = _number(d, "snap_age", 0.0)
+        self.waiting = _count(d, "waiting")
+        self.held = _count(d, "held")
+        self.reserved = _count(d, "reserved")
+        self.pending: dict[str, int] = _counts(d.get("pending"))
+        self.limit: dict[str, int] = _counts(d.get("limit"))
         busy = d.get("busy")
-        self.busy: frozenset[str] = frozenset(busy) if isinstance(busy, list) else frozenset()
-        self.quar: dict[str, tuple[float, str]] = {
-            k: (float(v[0]), str(v[1])) for k, v in _mapping(d.get("quar")).items()
-        }
+        self.busy: frozenset[str] = frozenset(
+            str(a) for a in (busy if isinstance(busy, list) else ()) if isinstance(a, str)
+        )
+        self.quar: dict[str, tuple[float, str]] = {}
+        for account, entry in _mapping(d.get("quar")).items():
+            left, reason = _pair(entry)
+            self.quar[account] = (left, reason)  # in force, with or without its reason
         mquar = d.get("mquar")
-        self.mquar: list[tuple[str, str, float, str]] = [
-            (str(a), str(m), float(left), str(r))
-            for a, m, left, r in (mquar if isinstance(mquar, list) else ())
-        ]
-        self.lag = float(d.get("lag", 0.0))
-        self.polls = int(d.get("polls", 0))
-        self.polls_failed = int(d.get("polls_failed", 0))
-        self.failures = int(d.get("failures", 0))
+        self.mquar: list[tuple[str, str, float, str]] = []
+        for row in mquar if isinstance(mquar, list) else ():
+            if isinstance(row, list) and len(row) == 4:
+                left, reason = _pair(row[2:])
+                self.mquar.append((str(row[0]), str(row[1]), left, reason))
+        self.lag = _number(d, "lag", 0.0)
+        self.polls = _count(d, "polls")
+        self.polls_failed = _count(d, "polls_failed")
+        self.failures = _count(d, "failures")
         last_error = d.get("last_error")
         self.last_error: str | None = last_error if isinstance(last_error, str) else None
         auth_at = d.get("auth_at")
         self.auth_at: str | None = auth_at if isinstance(auth_at, str) else None
-        self.auth_age = float(d.get("auth_age", math.inf))
+        self.auth_age = _number(d, "auth_age", math.inf)
         self.auth_msg = str(d.get("auth_msg", ""))
-        self.auth_status = int(d.get("auth_status", 0)) or None
+        self.auth_status = _count(d, "auth_status") or None
         epoch = d.get("epoch")
         self.epoch: str | None = epoch if isinstance(epoch, str) else None
 
@@ -290,6 +296,34 @@ class _State:
 
 def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _number(d: dict[str, Any], key: str, default: float) -> float:
+    try:
+        value = float(d.get(key, default))
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return default if math.isnan(value) else value
+
+
+def _count(d: dict[str, Any], key: str) -> int:
+    value = _number(d, key, 0.0)
+    return int(value) if math.isfinite(value) else 0
+
+
+def _counts(value: object) -> dict[str, int]:
+    return {str(k): _count({"n": v}, "n") for k, v in _mapping(value).items()}
+
+
+def _pair(entry: object) -> tuple[float, str]:
+    """A quarantine's (seconds left, reason): for ever, and no reason, where unreadable."""
+    left, reason = math.inf, ""
+    if isinstance(entry, list | tuple):
+        if entry:
+            left = _number({"n": entry[0]}, "n", math.inf)
+        if len(entry) > 1 and isinstance(entry[1], str):
+            reason = entry[1]
+    return left, reason
 
 
 def _encode_snapshot(snapshot: Snapshot) -> str:
@@ -562,7 +596,7 @@ class FleetStore:
         if isinstance(snap, str):
             try:
                 self._snapshot = _decode_snapshot(self._service, snap, now - state.snap_age)
-            except (ValueError, KeyError, TypeError):
+            except Exception:  # noqa: BLE001 - whatever was written there, no snapshot
                 log.warning("capgate.store_bad_snapshot", service=self._service)
                 self._snapshot = None
         elif state.sent_tick == 0:
@@ -1030,23 +1064,28 @@ class FleetStore:
         await self.flush()
         with self._held_lock:
             held = list(self._held)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self._rs.socket_timeout + 1):
-            try:
-                data = await self._run(
-                    "close",
-                    **self._dispatching,
-                    held=held,
-                    known_tick=self._state.sent_tick,
-                )
-            except STORE_ERRORS as exc:
-                self._store_down(exc)  # its waiters leave with their heartbeats
-            else:
-                self._apply_state(data)
-        self._waiter_ids = []
-        self._stop.set()
-        self._kick.set()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await anyio.to_thread.run_sync(self._close_sync)
+        try:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self._rs.socket_timeout + 1),
+            ):
+                try:
+                    data = await self._run(
+                        "close",
+                        **self._dispatching,
+                        held=held,
+                        known_tick=self._state.sent_tick,
+                    )
+                except STORE_ERRORS as exc:
+                    self._store_down(exc)  # its waiters leave with their heartbeats
+                else:
+                    self._apply_state(data)
+        finally:  # whatever went wrong above, the renewal thread and the listener stop
+            self._waiter_ids = []
+            self._stop.set()
+            self._kick.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await anyio.to_thread.run_sync(self._close_sync)
 
     def _close_sync(self) -> None:
         with self._ps_lock:
