@@ -125,9 +125,12 @@ def test_malformed_row_is_skipped(bad, reason):
     assert snapshot.skipped == 1
 
 
-def test_duplicate_account_keeps_first_row():
-    """A second row for the same account is skipped as a duplicate."""
-    snapshot, skipped = parse({"available": [row(available=1), row(available=4)], "executing": []})
+@pytest.mark.parametrize("order", [(1, 4), (4, 1)])
+def test_an_account_listed_twice_counts_its_fewest_free_slots(order):
+    """Either row may be the stale one; trusting the roomier could oversubscribe (before,
+    the first row won: 4 free). The other is skipped as a duplicate."""
+    rows = [row(available=n) for n in order]
+    snapshot, skipped = parse({"available": rows, "executing": []})
     assert snapshot.free("a@x.io") == 1
     assert [s.reason for s in skipped] == ["duplicate account"]
 

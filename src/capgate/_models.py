@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -539,6 +539,24 @@ class SkippedRow:
     reason: str
 
 
+def one_row_per_account(
+    rows: Iterable[tuple[int, AccountCapacity]], section: str, skipped: list[SkippedRow]
+) -> list[AccountCapacity]:
+    """The rows in order, one per account: of an account listed twice, the row with the
+    fewest free slots (the other may be stale; trusting it could oversubscribe), the
+    other skipped as a duplicate."""
+    kept: dict[str, AccountCapacity] = {}
+    for index, row in rows:
+        first = kept.get(row.account)
+        if first is None:
+            kept[row.account] = row
+            continue
+        skipped.append(SkippedRow(section, index, "duplicate account"))
+        if row.free < first.free:
+            kept[row.account] = row
+    return list(kept.values())
+
+
 def parse_snapshot(
     data: Any, service: Service, *, requested_at: float, received_at: float
 ) -> tuple[Snapshot, list[SkippedRow]]:
@@ -553,8 +571,6 @@ def parse_snapshot(
     if not isinstance(data, Mapping):
         raise PollError(f"{service.name}: answer is a JSON {type(data).__name__}, not an object")
     skipped: list[SkippedRow] = []
-    accounts: list[AccountCapacity] = []
-    seen: set[str] = set()
     for section in ("available", "executing"):
         rows = data.get(section)
         if rows is None:
@@ -565,17 +581,13 @@ def parse_snapshot(
     # answer (an error page, a proxy's JSON): taking it as "all busy" would hide the fault
     if "available" not in data and "executing" not in data:
         raise PollError(f"{service.name}: answer has neither 'available' nor 'executing'")
+    read: list[tuple[int, AccountCapacity]] = []
     for index, row in enumerate(data.get("available") or ()):
         try:
-            capacity = _account_row(row, service)
+            read.append((index, _account_row(row, service)))
         except RowError as exc:
             skipped.append(SkippedRow("available", index, str(exc)))
-            continue
-        if capacity.account in seen:
-            skipped.append(SkippedRow("available", index, "duplicate account"))
-            continue
-        seen.add(capacity.account)
-        accounts.append(capacity)
+    accounts = one_row_per_account(read, "available", skipped)
     jobs: list[ExecutingJob] = []
     for index, row in enumerate(data.get("executing") or ()):
         try:

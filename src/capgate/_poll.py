@@ -21,7 +21,7 @@ import httpx
 
 from ._config import GateConfig, Secret, check_url
 from ._errors import AuthenticationError, CapacityGateError, PollError
-from ._models import SkippedRow, Snapshot, parse_snapshot
+from ._models import SkippedRow, Snapshot, one_row_per_account, parse_snapshot
 from ._services import Service
 from ._sources import ReadContext
 from ._version import __version__
@@ -313,14 +313,8 @@ async def fetch_capacity(
     result = await _bounded(
         name, secret, timeout, lambda: spec.source.read(get, reading, requested_at)
     )
-    accounts, seen = [], set()
     skipped = list(result.skipped)
-    for index, row in enumerate(result.accounts):
-        if row.account in seen:
-            skipped.append(SkippedRow("accounts", index, "duplicate account"))
-            continue
-        seen.add(row.account)
-        accounts.append(row)
+    accounts = one_row_per_account(enumerate(result.accounts), "accounts", skipped)
     snapshot = Snapshot(
         service=name,
         accounts=tuple(accounts),
