@@ -991,10 +991,15 @@ async def test_retry_after_is_honoured(make_gate):
 
 
 async def test_failing_server_bounded_by_timeout(make_gate):
-    """While every poll fails, waiters keep waiting until their own timeout."""
+    """While every poll fails, waiters keep waiting until their own timeout, which then
+    names the failure (not only "no free slot")."""
     gate, fake = make_gate({A: 1})
     fake.inject(Fault(count=1000, status=500, body={"error": "down"}))
-    with pytest.raises(SlotTimeout, match=r"^ltxstudio: no free slot within 0\.5 s$"):
+    with pytest.raises(
+        SlotTimeout,
+        match=r"^ltxstudio: no free slot within 0\.5 s \(the latest poll failed: "
+        r"ltxstudio: HTTP 500: down\)$",
+    ):
         async with gate.slot(timeout=10 * P):
             pass  # pragma: no cover
     stats = gate.statistics()

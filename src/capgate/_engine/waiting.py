@@ -354,7 +354,12 @@ class Engine:
                 "capgate.timeout", service=self.service, timeout=timeout, waiting=self._waiting
             )
             assert timeout is not None  # noqa: S101 - no timeout, no way out but a grant
-            raise SlotTimeout(f"{self.service}: no free slot within {timeout:g} s", timeout=timeout)
+            # polls that keep failing are why, more often than full accounts: say so
+            failed = store.view(self._now()).last_error
+            why = "" if failed is None else f" (the latest poll failed: {failed})"
+            raise SlotTimeout(
+                f"{self.service}: no free slot within {timeout:g} s{why}", timeout=timeout
+            )
         self._leave(waiter)
         waited = self._now() - waiter.arrived
         self.waits.observe(waited)
