@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import structlog
@@ -16,6 +18,22 @@ from capgate.testing import FakeScheduler
 P = 0.05
 
 _FAKE_OPTIONS = ("job_duration", "list_full_accounts", "lag", "latency", "seed")
+
+
+@contextlib.asynccontextmanager
+async def invalidating(gate: Any, every: float) -> AsyncIterator[None]:
+    """``gate.invalidate()`` every ``every`` seconds while the block runs, as completion
+    callbacks would."""
+
+    async def callbacks() -> None:
+        while True:
+            await anyio.sleep(every)
+            gate.invalidate()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(callbacks)
+        yield
+        tg.cancel_scope.cancel()
 
 
 @pytest.fixture(

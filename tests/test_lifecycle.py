@@ -28,7 +28,7 @@ from capgate import (
 )
 from capgate._policy import INVALIDATE_FLOOR
 from capgate.testing import FakeJob, FakeScheduler, Fault
-from conftest import P
+from conftest import P, invalidating
 
 pytestmark = pytest.mark.anyio
 
@@ -841,17 +841,8 @@ async def test_invalidate_respects_failure_backoff(make_gate):
     """invalidate() during the backoff after a failed poll does not bring the poll forward."""
     gate, fake = make_gate({A: 1}, poll_interval=5.0)
     fake.inject(Fault(status=503, body={"error": "later"}, headers={"Retry-After": "30"}))
-
-    async def nag() -> None:
-        while True:
-            await anyio.sleep(1.0)
-            gate.invalidate()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(nag)
-        async with gate.slot():
-            pass
-        tg.cancel_scope.cancel()
+    async with invalidating(gate, every=1.0), gate.slot():
+        pass
     assert fake.polls == 2
     assert fake.poll_times[1] - fake.poll_times[0] >= 30.0
 
@@ -1022,15 +1013,6 @@ async def test_invalidate_storm_during_slow_answers_still_grants(make_gate):
     invalidated in flight was stale on arrival; callbacks every 0.4 s starved every waiter
     while the gate polled without pause."""
     gate, fake = make_gate({A: 5}, poll_interval=5.0, latency=0.6)
-
-    async def storm() -> None:
-        while True:
-            await anyio.sleep(0.4)
-            gate.invalidate()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(storm)
-        async with gate.slot(timeout=30) as slot:
-            assert slot.waited < 1.0  # the first answer serves
-        tg.cancel_scope.cancel()
+    async with invalidating(gate, every=0.4), gate.slot(timeout=30) as slot:
+        assert slot.waited < 1.0  # the first answer serves
     assert fake.polls == 1
