@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Awaitable, Callable
 
 import anyio
 import httpx
 import pytest
 
-from capgate import CapacityGate
+from capgate import AccountQuarantined, CapacityGate
 from capgate._engine.loop import checkpoint, continued, current_time, loop_marker
 from capgate.testing import FakeScheduler, serve
 
@@ -164,3 +165,47 @@ def test_a_gate_moved_from_trio_to_asyncio_makes_itself_a_new_client():
         _grants_on_each_run(gate, [trio.run, lambda fn: asyncio.run(then_close(fn))])
         gc.collect()  # here, not in a later test: the first run's connection
         assert fake.polls == 2
+
+
+@pytest.mark.parametrize("first_loop", ["asyncio", "trio"])
+def test_a_quarantine_on_a_new_loop_in_another_thread_is_kept(first_loop):
+    """The gate ran on a loop in a thread that lives on (a pool's); its first call on a new
+    loop in another thread is quarantine(). Before, the call went to the stopped loop and
+    was dropped without a word: the next waiter was granted the quarantined account."""
+    if first_loop == "trio":
+        pytest.importorskip("trio")
+    fake = FakeScheduler({"a@x.io": 1}, service="kling")
+    client = httpx.AsyncClient(transport=fake.transport())
+    gate = CapacityGate(fake.token, service="kling", client=client, poll_interval=5)
+    first_done, release = threading.Event(), threading.Event()
+    outcome: list[str] = []
+
+    def first() -> None:
+        anyio.run(_one_slot, gate, backend=first_loop)
+        first_done.set()
+        release.wait(10)  # this thread lives on, its loop stopped
+
+    async def second() -> None:
+        gate.quarantine("a@x.io", 60, "provider said so")
+        try:
+            async with gate.slot(timeout=1):
+                outcome.append("granted")
+        except AccountQuarantined:
+            outcome.append("refused")
+
+    pool_thread = threading.Thread(target=first)
+    pool_thread.start()
+    try:
+        assert first_done.wait(10)
+        other = threading.Thread(target=lambda: asyncio.run(second()))
+        other.start()
+        other.join(10)
+    finally:
+        release.set()
+        pool_thread.join(10)
+    assert outcome == ["refused"]
+
+
+async def _one_slot(gate: CapacityGate) -> None:
+    async with gate.slot(timeout=5):
+        pass

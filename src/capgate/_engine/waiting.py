@@ -246,11 +246,19 @@ class Engine:
         stopped without closing never runs it): then ``None``, logged.
 
         With no loop yet, ``fn`` runs here: it decides what that means (``invalidate`` does
-        nothing; ``quarantine`` needs a clock and raises ``RuntimeError``).
+        nothing; ``quarantine`` needs a clock and raises ``RuntimeError``). Called on a
+        loop of its own once the gate's has stopped (a second ``asyncio.run()``, in this
+        thread or another), the gate moves to this loop and ``fn`` runs here.
         """
         loop = self._loop
-        if loop is None and now_or_none() is not None:
-            self._bind_loop()  # called on a loop: the gate's from now on, its clock too
+        if now_or_none() is not None and (
+            loop is None
+            or (
+                loop[2] is not loop_marker()
+                and (loop[1] == threading.get_ident() or not _loop_alive(loop[0]))
+            )
+        ):
+            self._bind_loop()  # this loop is the gate's from now on, its clock too
             loop = self._loop
         if loop is None or loop[1] == threading.get_ident():
             return fn(*args)
@@ -264,8 +272,11 @@ class Engine:
 
         try:
             _spawn_from_thread(loop[0], call, self._tasks, done.cancel)
-        except RuntimeError:  # that loop is gone: nothing waits on this gate any more
-            return None
+        except RuntimeError:  # that loop is gone (a trio run that finished)
+            if now_or_none() is None:
+                return None  # and no loop here: nothing waits on this gate any more
+            self._bind_loop()  # a loop runs here: the gate's from now on
+            return fn(*args)
         # in slices: a loop that stops meanwhile (its program ending) will never run it
         for _ in range(round(ON_LOOP_TIMEOUT / ON_LOOP_SLICE)):
             try:
