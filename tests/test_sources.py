@@ -487,9 +487,12 @@ async def test_an_account_entry_of_the_wrong_type_leaves_the_account_out(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_dreamina_account_gone_from_useapi_leaves_the_others_going(anyio_backend):
-    """Its ``GET accounts/<account>`` answers 404: that account has no cap (never granted);
-    before, the failure stopped every poll."""
+@pytest.mark.parametrize("max_jobs", [None, 2])
+async def test_a_dreamina_account_gone_from_useapi_leaves_the_others_going(
+    anyio_backend, max_jobs
+):
+    """Its ``GET accounts/<account>`` answers 404: that account has no slot, a local
+    ``max_jobs=`` notwithstanding; before, the failure stopped every poll."""
     from capgate._sources import ReadContext
 
     spec = get_service("dreamina")
@@ -503,6 +506,7 @@ async def test_a_dreamina_account_gone_from_useapi_leaves_the_others_going(anyio
             raise capgate.PollError("dreamina: HTTP 404: Account not found", status_code=404)
         return bodies[path]
 
-    context = ReadContext(spec, None, ("US:a@x.io", "US:gone@x.io"))
+    context = ReadContext(spec, max_jobs, ("US:a@x.io", "US:gone@x.io"))
     reading = await spec.source.read(get, context, 0)
-    assert _rows(reading) == {"US:a@x.io": (2, 0)}
+    assert _rows(reading) == {"US:a@x.io": (2, 0), "US:gone@x.io": (0, 0)}
+    assert [r.free for r in reading.accounts] == [2, 0]

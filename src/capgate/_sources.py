@@ -327,7 +327,9 @@ class JobsByAccount(CapacitySource):
                 except PollError as exc:
                     if exc.status_code != 404:
                         raise  # the next poll loads them all again
-                    caps[name] = None  # gone (deleted on useapi): no cap, never granted
+                    # gone (deleted on useapi): a cap of 0, which a local max_jobs= cannot
+                    # raise, so it is never granted (None would read as "unknown": local cap)
+                    caps[name] = 0
                     continue
                 try:
                     caps[name] = count_of(one, "maxJobs")
