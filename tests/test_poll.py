@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import anyio
 import httpx
@@ -330,8 +331,12 @@ async def test_errors_never_carry_a_json_escaped_token():
         lambda header: header.replace(" ", "+").replace(":", "%3A"),
         lambda header: base64.b64encode(header.encode()).decode(),  # a proxy's debug dump
         lambda header: base64.b64encode(header[7:].encode()).decode(),
+        # inside a longer dump, the token at each of base64's 3 offsets, bytes after it
+        lambda header: base64.b64encode(f'{{"a": "{header}", "b": 1}}'.encode()).decode(),
+        lambda header: base64.b64encode(f'{{"ab": "{header}", "b": 1}}'.encode()).decode(),
+        lambda header: base64.b64encode(f'{{"abc": "{header}", "b": 1}}'.encode()).decode(),
     ],
-    ids=["percent", "plus", "base64-header", "base64-token"],
+    ids=["percent", "plus", "base64-header", "base64-token", "dump-0", "dump-1", "dump-2"],
 )
 async def test_errors_never_carry_an_encoded_token(encode):
     """A token with a colon, echoed percent-encoded or in base64, is masked too."""
@@ -343,9 +348,20 @@ async def test_errors_never_carry_an_encoded_token(encode):
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(PollError) as caught:
             await fetch_snapshot(client, URL, token, LTX, timeout=5.0)
-    assert "<token>" in str(caught.value)
-    assert "SeCrEt" not in str(caught.value)
-    assert base64.b64encode(token.encode()).decode()[:12] not in str(caught.value)
+    text = str(caught.value)
+    assert "<token>" in text
+    assert "SeCrEt" not in text
+    assert b"4242-Zq9" not in _decodable(text)  # around the mask, at most 2 bytes of it
+
+
+def _decodable(text: str) -> bytes:
+    """Whatever base64 in ``text`` decodes to, read from each of the 4 offsets."""
+    out = b""
+    for run in re.findall(r"[A-Za-z0-9+/]{4,}", text):
+        for offset in range(4):
+            chunk = run[offset:]
+            out += base64.b64decode(chunk[: len(chunk) // 4 * 4]) + b"|"
+    return out
 
 
 @pytestmark_async

@@ -83,7 +83,7 @@ def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 def _echoed_forms(secret: str) -> set[str]:
     """How a server or proxy may echo the token: as sent, in any case (URL hosts come back
     lowercased), JSON-escaped, percent-encoded (a WAF page quoting the header), and in
-    base64 (alone or as the whole ``Bearer`` header, as a debugging proxy may show it)."""
+    base64 (a debugging proxy's dump of the headers)."""
     escaped = json.dumps(secret)[1:-1]
     forms = {
         secret,
@@ -92,10 +92,26 @@ def _echoed_forms(secret: str) -> set[str]:
         quote(secret, safe=""),
         quote_plus(secret),
     }
-    for raw in (secret, f"Bearer {secret}"):
-        encoded = base64.b64encode(raw.encode()).decode()
-        forms |= {encoded, encoded.rstrip("=")}
-    return forms
+    return forms | _base64_cores(secret.encode())
+
+
+def _base64_cores(raw: bytes) -> set[str]:
+    """The base64 text that ``raw`` alone decides wherever it sits in a longer base64 text.
+
+    Base64 turns each 3 bytes into 4 characters, so in a dump the token starts at one of 3
+    offsets; at each, the characters it shares with the bytes before or after it depend on
+    those, the rest only on the token. Masking those leaves at most 2 of its bytes at each
+    end to be read, and none of a token of a few bytes only (too short: not masked).
+    """
+    cores = set()
+    for shift in range(3):
+        text = base64.b64encode(b"\0" * shift + raw).decode()
+        start = 4 if shift else 0  # the group it shares with what comes before
+        end = len(text) - (4 if (shift + len(raw)) % 3 else 0)  # ... with what follows
+        core = text[start:end]
+        if len(core) >= 8:
+            cores.add(core)
+    return cores
 
 
 def _excerpt(text: str, limit: int = 200, *, secret: str = "") -> str:
