@@ -137,7 +137,10 @@ class RedisStore:
             messages that were missed.
         recovery_grace: Seconds after Redis lost its data (a restart without persistence)
             during which nothing is granted, so that live holders can re-assert their
-            leases first. Default: one renewal period plus 0.5 s.
+            leases first. Default: one renewal period plus 0.5 s. A holder that has not
+            re-asserted within it (paused longer) is told at its next renewal that its
+            slot is lost, since the fleet may have granted it again; with 0, every slot
+            held when Redis lost its data is lost.
         socket_timeout: Seconds one Redis call may take before it counts as a failure.
         idle_ttl: Seconds a fleet's keys outlive its last activity (default: a day); every
             operation refreshes them, so an idle fleet leaves nothing behind in Redis.
