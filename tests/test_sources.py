@@ -510,3 +510,13 @@ async def test_a_dreamina_account_gone_from_useapi_leaves_the_others_going(
     reading = await spec.source.read(get, context, 0)
     assert _rows(reading) == {"US:a@x.io": (2, 0), "US:gone@x.io": (0, 0)}
     assert [r.free for r in reading.accounts] == [2, 0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_flow_music_with_no_account_is_a_failed_poll(anyio_backend):
+    """Its ``GET accounts`` lists every configured account, so ``{}`` is a setup to fix:
+    before, it read as "all busy" and waiters waited out their timeouts (for ever without
+    one) with no word of why."""
+    with pytest.raises(capgate.PollError, match=r"^flowmusic: GET accounts lists no account$"):
+        await _read("flowmusic", {"accounts": {}})

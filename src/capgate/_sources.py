@@ -541,6 +541,10 @@ class AccountsOnly(CapacitySource):
             return _mapping(await get("accounts"), service.name, "GET accounts")
 
         accounts = await ctx.rare(now, load)
+        if not accounts:
+            # the full list of the token's accounts, not those with room: none is a setup
+            # to fix (add one on useapi.net), not "all busy" to wait out
+            raise PollError(f"{service.name}: GET accounts lists no account")
         out = Reading()
         for index, (account, entry) in enumerate(accounts.items()):
             try:
