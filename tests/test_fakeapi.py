@@ -423,3 +423,35 @@ async def test_keep_busy_holds_slots_with_outside_jobs():
         await anyio.sleep(45)
         later = (await client.get("/scheduler/available")).json()["available"]
     assert [r["available"] for r in first] == [r["available"] for r in later] == [1]
+
+
+# --- Google Flow (google-flow.mjs) and Flow Music (flowmusic.mjs) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("service", "mode", "status", "fields"),
+    [
+        ("google-flow", None, 200, {"jobId"}),
+        ("google-flow", "async", 201, {"jobid"}),
+        ("flowmusic", None, 200, {"jobid", "status:completed", "created_at"}),
+        ("flowmusic", "async", 201, {"jobid", "status:pending", "created_at"}),
+    ],
+)
+async def test_sync_create_services_answer_as_documented(service, mode, status, fields):
+    """A sync create answers when the job ends (200), an async one at once (201); Google
+    Flow names the id ``jobId`` when sync and ``jobid`` when async, Flow Music answers the
+    job with its status. Before, every create answered 200, ``jobid``, "started"."""
+    fake = FakeScheduler({ME: 1}, service=service, job_duration=0.2)
+    body: dict[str, Any] = {"email": ME, "prompt": "a cat"}
+    if mode is not None:
+        body["mode"] = mode
+    async with _client(fake) as client:
+        response = await client.post(f"/{fake.spec.create_path}", json=body)
+    assert response.status_code == status
+    answer = response.json()
+    assert answer["email"] == ME
+    for field in fields:
+        key, _, value = field.partition(":")
+        assert key in answer
+        if value:
+            assert answer[key] == value

@@ -53,6 +53,8 @@ class Call:
         origin: ``scheme://host[:port]`` the client used, for the media links it answers.
         query: The query parameters.
         content_type: The request's ``Content-Type`` (an upload's image type).
+        asynchronous: A create that asked ``"mode": "async"`` of a service whose creates
+            answer when the job ends by default (Flow Music, Google Flow).
     """
 
     fake: FakeScheduler
@@ -60,6 +62,7 @@ class Call:
     origin: str
     query: Mapping[str, str]
     content_type: str = ""
+    asynchronous: bool = False  # a create with ``"mode": "async"`` (sync-create services)
 
 
 def not_found(what: str) -> Answer:
@@ -359,6 +362,31 @@ class TempolorApi(FakeApi):
         if job is None or job.end > call.now or job.failed:
             return not_found(f"Job {job_id}")  # the script reads 404 as "not yet"
         return Answer(200, {"url": media_url(call, job, call.query.get("file_format", "mp3"))})
+
+
+class GoogleFlowApi(FakeApi):
+    """Google Flow: a sync create answers ``jobId`` (200), an async one ``jobid`` (201)
+    [S-gf]; the rest of the body is not documented (GUESS: email and a status)."""
+
+    def create_answer(self, call: Call, job: FakeJob) -> Any:
+        key = "jobid" if call.asynchronous else "jobId"
+        return {key: job.wire_id, "email": job.account, "status": "started"}
+
+
+class FlowMusicApi(FakeApi):
+    """Flow Music: a create answers the job as ``GET jobs/<jobid>`` would (documented:
+    ``jobid``, ``email``, ``status`` of completed, pending or failed, ``created_at``);
+    ``pending`` for an async create (201), ``completed`` for a sync one, which answers
+    when the job has ended."""
+
+    def create_answer(self, call: Call, job: FakeJob) -> Any:
+        created = call.fake.wall_time(job.start).isoformat(timespec="milliseconds")
+        return {
+            "jobid": job.wire_id,
+            "email": job.account,
+            "status": "pending" if call.asynchronous else "completed",
+            "created_at": created.replace("+00:00", "Z"),
+        }
 
 
 class LtxStudioApi(FakeApi):

@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._fakeapi import FakeApi, KlingApi, LtxStudioApi, MinimaxApi, PixverseApi, TempolorApi
+from ._fakeapi import (
+    FakeApi,
+    FlowMusicApi,
+    GoogleFlowApi,
+    KlingApi,
+    LtxStudioApi,
+    MinimaxApi,
+    PixverseApi,
+    TempolorApi,
+)
 from ._sources import (
     AccountsOnly,
     CapacitySource,
@@ -404,6 +413,7 @@ SERVICES: dict[str, Service] = {
             "hold the slot until the job ends)",
             create_path="music",
             sync_create=True,
+            fake_api=FlowMusicApi(),
             job_id_format="job:{uuid}-user:1234-{account}-bot:flowmusic",
         ),
         Service(
@@ -421,6 +431,7 @@ SERVICES: dict[str, Service] = {
             "429 cooldowns changed twice in the docs and are configurable",
             create_path="videos",
             sync_create=True,
+            fake_api=GoogleFlowApi(),
             job_id_format="j{n}v-u12345-email:{account}-bot:google-flow",
         ),
     )

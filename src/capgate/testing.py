@@ -439,12 +439,12 @@ class FakeScheduler:
             model=model,
         )
         self.models[job.job_id] = model
-        if self.spec.sync_create and body.get("mode") != "async":
+        asynchronous = self.spec.sync_create and body.get("mode") == "async"
+        if self.spec.sync_create and not asynchronous:
             await anyio.sleep(max(0.0, job.end - now))  # a sync create answers when done
-        call = Call(self, now, _origin(request), {})
-        return _json_response(
-            self.spec.create_status, self.spec.fake_api.create_answer(call, job), request
-        )
+        call = Call(self, now, _origin(request), {}, asynchronous=asynchronous)
+        status = 201 if asynchronous else self.spec.create_status  # documented: async 201
+        return _json_response(status, self.spec.fake_api.create_answer(call, job), request)
 
     def snapshot_body(self, now: float | None = None, path: str | None = None) -> Any:
         """The JSON the capacity endpoint ``path`` (the main one by default) answers at ``now``."""
