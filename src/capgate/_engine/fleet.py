@@ -298,21 +298,30 @@ def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _number(d: dict[str, Any], key: str, default: float) -> float:
+def _as_number(value: object, default: float) -> float:
+    """``value`` as a float; ``default`` where it is none (NaN, text, an object)."""
     try:
-        value = float(d.get(key, default))
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return default
-    return default if math.isnan(value) else value
+    return default if math.isnan(number) else number
+
+
+def _as_count(value: object) -> int:
+    number = _as_number(value, 0.0)
+    return int(number) if math.isfinite(number) else 0
+
+
+def _number(d: dict[str, Any], key: str, default: float) -> float:
+    return _as_number(d.get(key, default), default)
 
 
 def _count(d: dict[str, Any], key: str) -> int:
-    value = _number(d, key, 0.0)
-    return int(value) if math.isfinite(value) else 0
+    return _as_count(d.get(key, 0))
 
 
 def _counts(value: object) -> dict[str, int]:
-    return {str(k): _count({"n": v}, "n") for k, v in _mapping(value).items()}
+    return {str(k): _as_count(v) for k, v in _mapping(value).items()}
 
 
 def _pair(entry: object) -> tuple[float, str]:
@@ -320,7 +329,7 @@ def _pair(entry: object) -> tuple[float, str]:
     left, reason = math.inf, ""
     if isinstance(entry, list | tuple):
         if entry:
-            left = _number({"n": entry[0]}, "n", math.inf)
+            left = _as_number(entry[0], math.inf)
         if len(entry) > 1 and isinstance(entry[1], str):
             reason = entry[1]
     return left, reason
